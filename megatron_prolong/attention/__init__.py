@@ -1,0 +1,1 @@
+"""Core-attention backends: the portable torch one (document masks, context parallelism) and TE."""

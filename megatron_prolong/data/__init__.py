@@ -1,0 +1,1 @@
+"""Datasets, packing, mixtures and SFT masks; the batch contract lives in ``batch.py``."""

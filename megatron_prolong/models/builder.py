@@ -1,0 +1,98 @@
+"""ModelSpec -> megatron-core TransformerConfig, layer spec and GPTModel."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .registry import ModelSpec
+
+
+@functools.lru_cache(maxsize=1)
+def te_available() -> bool:
+    """Transformer Engine importable and a GPU present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_transformer_config(spec: ModelSpec, **overrides) -> TransformerConfig:
+    """Llama-3 TransformerConfig. ``overrides`` set parallelism, precision and recompute fields."""
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_method_std,
+        # The loss function returns (sum, token count): the global batch is token-averaged.
+        calculate_per_token_loss=True,
+        # Fusions need TE/apex or CUDA kernels; off where those are absent.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # Same initial weights for every TP/PP layout (needed for parity, cheap on CPU).
+        use_cpu_initialization=not on_gpu,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(use_te: bool) -> ModuleSpec:
+    """TE fused layer spec, or megatron's local spec with the project's portable core attention."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from ..attention.portable import PortableCoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PortableCoreAttention
+    return spec
+
+
+def build_gpt_model(
+    spec: ModelSpec,
+    config: TransformerConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    use_te: bool | None = None,
+) -> GPTModel:
+    """A Llama-3 GPTModel for this pipeline stage. ``use_te=None`` picks TE when available."""
+    use_te = te_available() if use_te is None else use_te
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=spec.rotary_base,
+        rope_scaling=spec.rope_scaling,
+        rope_scaling_factor=spec.rope_scaling_factor,
+    )

@@ -1,0 +1,71 @@
+"""Device backend: CUDA + NCCL when a GPU is there, otherwise CPU + gloo.
+
+``init_platform`` must run before megatron-core builds models or process groups. On CUDA it
+only picks the device; on CPU it installs the shims of ``cpu.py`` that let megatron-core run
+unmodified. Nothing here changes the CUDA path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_DEVICE: str | None = None
+
+
+def init_platform(device: str = "auto") -> str:
+    """Select ``"cuda"`` or ``"cpu"`` (``"auto"``: CUDA when available). Idempotent."""
+    global _DEVICE
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no GPU; use device='cpu'")
+    if _DEVICE is not None:
+        if _DEVICE != device:
+            raise RuntimeError(f"platform already initialised for {_DEVICE}, cannot switch to {device}")
+        return _DEVICE
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        from . import cpu
+
+        cpu.install()
+    _DEVICE = device
+    return device
+
+
+def current_device() -> torch.device:
+    """The torch device tensors of this rank live on."""
+    if _DEVICE is None:
+        raise RuntimeError("call megatron_prolong.platform.init_platform() first")
+    return torch.device("cuda", torch.cuda.current_device()) if _DEVICE == "cuda" else torch.device("cpu")
+
+
+def is_cpu() -> bool:
+    return _DEVICE == "cpu"
+
+
+def dist_backend() -> str:
+    return "nccl" if _DEVICE == "cuda" else "gloo"
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """Seed torch and megatron's tensor-parallel RNG tracker, on either device."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if _DEVICE == "cuda":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from . import cpu
+
+        cpu.seed_rng_tracker(seed)

