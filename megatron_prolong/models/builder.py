@@ -6,7 +6,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt import GPTModel
+from .gpt import ProLongGPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -80,10 +80,10 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     use_te: bool | None = None,
-) -> GPTModel:
+) -> ProLongGPTModel:
     """A Llama-3 GPTModel for this pipeline stage. ``use_te=None`` picks TE when available."""
     use_te = te_available() if use_te is None else use_te
-    return GPTModel(
+    return ProLongGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_te),
         vocab_size=spec.vocab_size,
