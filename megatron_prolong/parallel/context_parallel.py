@@ -1,29 +1,250 @@
 """Per-micro-batch post-processing for the model: context-parallel split and attention inputs.
 
-``prepare_batch`` turns a collated batch (``megatron_prolong.data.batch``) into what this rank's
-GPTModel forward takes.
+``prepare_batch`` turns a collated batch (``megatron_prolong.data.batch``: tokens, labels,
+loss_mask [B, S], doc_ids [B, S]) into what this rank's GPTModel forward takes::
+
+    out = prepare_batch(batch, cp_size=cp, cp_rank=r, use_te=False)
+    losses = model(out["tokens"], out["position_ids"], out["attention_mask"],
+                   labels=out["labels"], packed_seq_params=out["packed_seq_params"])
+    # losses: [B, S_local] (portable) or [1, T_local] (TE/THD); weight with out["loss_mask"]
+
+Portable path (``use_te=False``): the sequence is viewed as ``2*CP`` chunks of ``S/(2*CP)``
+tokens and CP rank ``r`` keeps chunks ``r`` and ``2*CP-1-r`` (megatron's
+``get_batch_on_this_cp_rank`` split, matching the RoPE slice of ``RotaryEmbedding``).
+``attention_mask`` is the FULL sequence's document ids ``[B, S]`` (the portable attention
+indexes it by global position), ``position_ids`` the global positions of the local tokens.
+Documents may cross chunk borders and be longer than a chunk: the attention mask works on
+global positions, so nothing special is needed.
+
+TE path (``use_te=True``): THD packed sequences. All samples of the micro-batch are packed into
+one sequence (batch dim 1); every document is padded to a multiple of ``2*CP`` (TE's CP
+requirement) with pad tokens whose loss mask is 0; ``PackedSeqParams`` carries ``cu_seqlens``
+(real lengths) and ``cu_seqlens_padded``; each CP rank keeps, per document, chunks ``r`` and
+``2*CP-1-r`` of that document (``transformer_engine_torch.thd_get_partitioned_indices``; a
+pure-torch equivalent, ``thd_partition_indices``, is used when TE is absent and is tested to match).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ..attention.portable import zigzag_positions
+
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (call once at start-up, from the trainer's config checks)
+# ----------------------------------------------------------------------------------------------
+
+
+def validate_cp_config(*, cp_size: int, seq_length: int, use_te: bool, cp_comm_type=None,
+                       hierarchical_cp_sizes: Optional[list[int]] = None, num_layers: Optional[int] = None,
+                       tp_size: int = 1, sequence_parallel: bool = False) -> None:
+    """Fail fast with a readable message on a CP setup that cannot run."""
+    if cp_size < 1:
+        raise ValueError(f"context_parallel_size must be >= 1, got {cp_size}")
+    if cp_size == 1:
+        return
+    if not use_te and seq_length % (2 * cp_size):
+        raise ValueError(f"seq_length {seq_length} must be divisible by 2 x context_parallel_size "
+                         f"= {2 * cp_size} (zigzag split)")
+    if not use_te and sequence_parallel and (seq_length // cp_size) % tp_size:
+        raise ValueError(f"with sequence parallelism the local sequence {seq_length // cp_size} must be "
+                         f"divisible by tensor_model_parallel_size {tp_size}")
+    types = cp_comm_type if isinstance(cp_comm_type, list) else [cp_comm_type]
+    if isinstance(cp_comm_type, list) and num_layers is not None and len(cp_comm_type) != num_layers:
+        raise ValueError(f"cp_comm_type is a list of {len(cp_comm_type)} entries; it needs one per "
+                         f"layer ({num_layers})")
+    for t in types:
+        if use_te:
+            if t is not None and t not in CP_COMM_TYPES:
+                raise ValueError(f"cp_comm_type {t!r} unknown; TE supports {CP_COMM_TYPES}")
+            if t == "a2a+p2p":
+                if not hierarchical_cp_sizes:
+                    raise ValueError("cp_comm_type 'a2a+p2p' needs hierarchical_context_parallel_sizes, "
+                                     "e.g. [8, 2] for a2a inside a node and p2p across 2 nodes")
+                prod = 1
+                for x in hierarchical_cp_sizes:
+                    prod *= x
+                if prod != cp_size:
+                    raise ValueError(f"hierarchical_context_parallel_sizes {hierarchical_cp_sizes} multiply "
+                                     f"to {prod}, not context_parallel_size {cp_size}")
+        else:
+            if t not in (None, "all_gather"):
+                raise ValueError(f"the portable attention (no TE) implements CP by all-gather only; "
+                                 f"cp_comm_type={t!r} needs TE. Use 'all_gather' or leave it unset")
+    if not use_te and hierarchical_cp_sizes:
+        raise ValueError("hierarchical_context_parallel_sizes only applies to TE's a2a+p2p")
+
+
+# ----------------------------------------------------------------------------------------------
+# THD (TE) helpers: pure torch, unit-tested without TE
+# ----------------------------------------------------------------------------------------------
+
+
+def pad_lengths(lengths: torch.Tensor, multiple: int) -> torch.Tensor:
+    return (lengths + multiple - 1) // multiple * multiple
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Document boundaries [0, ..., S] of one sample from per-token doc ids [S] (any labels,
+    a new document starts wherever the id changes)."""
+    s = doc_ids.numel()
+    change = torch.nonzero(doc_ids[1:] != doc_ids[:-1]).flatten() + 1
+    zero = torch.zeros(1, dtype=torch.long, device=doc_ids.device)
+    end = torch.full((1,), s, dtype=torch.long, device=doc_ids.device)
+    return torch.cat([zero, change.long(), end]).to(torch.int32)
+
+
+def thd_pack(batch: dict, *, cp_size: int, total_multiple: int = 1) -> dict:
+    """Pack a [B, S] micro-batch into one THD sequence with each document padded to a multiple of
+    ``2*cp_size``; the last document is padded further so the total is a multiple of
+    ``total_multiple`` (use ``2*cp*tp`` with sequence parallelism).
+
+    Returns tokens/labels/loss_mask [1, T_padded], ``cu_seqlens`` (real) and
+    ``cu_seqlens_padded`` (int32), ``max_seqlen`` (padded, python int).
+    """
+    mult = 2 * cp_size
+    if total_multiple % mult:
+        total_multiple = total_multiple * mult // _gcd(total_multiple, mult)
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    doc_ids = batch.get("doc_ids")
+    b, s = tokens.shape
+    lens = []
+    for i in range(b):
+        if doc_ids is None:
+            cu = torch.tensor([0, s], dtype=torch.int32)
+        else:
+            cu = cu_seqlens_from_doc_ids(doc_ids[i])
+        lens.append((cu[1:] - cu[:-1]).long().cpu())
+    real = torch.cat(lens)
+    padded = pad_lengths(real, mult)
+    total = int(padded.sum())
+    extra = (-total) % total_multiple
+    padded[-1] += extra
+    n = real.numel()
+    cu_real = torch.zeros(n + 1, dtype=torch.int32)
+    cu_pad = torch.zeros(n + 1, dtype=torch.int32)
+    cu_real[1:] = torch.cumsum(real, 0)
+    cu_pad[1:] = torch.cumsum(padded, 0)
+    T = int(cu_pad[-1])
+    # destination index of every real token
+    starts = torch.repeat_interleave(cu_pad[:-1].long() - cu_real[:-1].long(), real)
+    dest = torch.arange(int(cu_real[-1])) + starts
+    dev = tokens.device
+    dest = dest.to(dev)
+
+    def scatter(x, fill):
+        out = torch.full((T,), fill, dtype=x.dtype, device=dev)
+        out[dest] = x.reshape(-1)
+        return out.unsqueeze(0)
+
+    return {
+        "tokens": scatter(tokens, 0),
+        "labels": scatter(labels, 0),
+        "loss_mask": scatter(loss_mask, 0),
+        "cu_seqlens": cu_real.to(dev),
+        "cu_seqlens_padded": cu_pad.to(dev),
+        "max_seqlen": int(padded.max()),
+        "position_ids": scatter(
+            torch.arange(int(cu_real[-1])) - torch.repeat_interleave(cu_real[:-1].long(), real), 0
+        ).to(dev),
+    }
+
+
+def thd_partition_indices(cu_seqlens_padded: torch.Tensor, total: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Token indices CP rank ``cp_rank`` keeps of a THD sequence: for every (padded) document,
+    chunks ``cp_rank`` and ``2*cp_size-1-cp_rank`` of its ``2*cp_size`` equal chunks.
+    Same result as ``transformer_engine_torch.thd_get_partitioned_indices``."""
+    cu = cu_seqlens_padded.long().cpu()
+    if int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens_padded ends at {int(cu[-1])}, sequence has {total} tokens")
+    lens = cu[1:] - cu[:-1]
+    if bool((lens % (2 * cp_size)).any()):
+        raise ValueError(f"every padded document length must be a multiple of 2 x CP = {2 * cp_size}")
+    parts = []
+    for start, length in zip(cu[:-1].tolist(), lens.tolist()):
+        c = length // (2 * cp_size)
+        parts.append(torch.arange(start + cp_rank * c, start + (cp_rank + 1) * c))
+        j = 2 * cp_size - 1 - cp_rank
+        parts.append(torch.arange(start + j * c, start + (j + 1) * c))
+    return torch.cat(parts).to(cu_seqlens_padded.device) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _te_partition_indices(cu_seqlens_padded, total, cp_size, cp_rank):
+    try:
+        import transformer_engine_torch as tex
+    except ImportError:
+        return thd_partition_indices(cu_seqlens_padded, total, cp_size, cp_rank)
+    return tex.thd_get_partitioned_indices(cu_seqlens_padded, total, cp_size, cp_rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_batch
+# ----------------------------------------------------------------------------------------------
+
+
+def split_zigzag(x: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
+    """This CP rank's two zigzag chunks of ``x`` along ``seq_dim``."""
+    if cp_size == 1:
+        return x
+    idx = zigzag_positions(x.shape[seq_dim], cp_size, cp_rank, device=x.device)
+    return x.index_select(seq_dim, idx)
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], *, cp_size: int = 1, cp_rank: int = 0,
-                  use_te: bool = False) -> dict:
+                  use_te: bool = False, tp_size: int = 1, sequence_parallel: bool = False,
+                  cp_group=None) -> dict:
     """Returns ``tokens, labels, loss_mask, position_ids, attention_mask, packed_seq_params``.
 
-    ``attention_mask`` carries the document ids of the full sequence (portable attention).
+    ``attention_mask`` carries the document ids of the full sequence (portable attention) or is
+    None (TE THD, where ``packed_seq_params`` describes the documents). ``tp_size`` /
+    ``sequence_parallel`` only matter for the THD padding (the local token count must split over
+    TP). ``cp_group`` is put into ``PackedSeqParams.cp_group`` (TE path; None = megatron's group).
     """
-    if cp_size != 1 or use_te:
-        raise NotImplementedError("context parallelism / TE packed sequences are not wired yet")
+    if use_te:
+        return _prepare_thd(batch, cp_size=cp_size, cp_rank=cp_rank,
+                            total_multiple=2 * cp_size * (tp_size if sequence_parallel else 1),
+                            cp_group=cp_group)
     tokens = batch["tokens"]
     b, s = tokens.shape
+    if cp_size > 1 and s % (2 * cp_size):
+        raise ValueError(f"sequence length {s} must be divisible by 2 x context_parallel_size = {2 * cp_size}")
+    doc_ids = batch.get("doc_ids")
+    positions = zigzag_positions(s, cp_size, cp_rank, device=tokens.device) if cp_size > 1 else \
+        torch.arange(s, device=tokens.device)
     return {
-        "tokens": tokens,
-        "labels": batch["labels"],
-        "loss_mask": batch["loss_mask"],
-        "position_ids": torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s),
-        "attention_mask": batch.get("doc_ids"),
+        "tokens": split_zigzag(tokens, cp_size, cp_rank),
+        "labels": split_zigzag(batch["labels"], cp_size, cp_rank),
+        "loss_mask": split_zigzag(batch["loss_mask"], cp_size, cp_rank),
+        "position_ids": positions.unsqueeze(0).expand(b, -1),
+        "attention_mask": doc_ids,
         "packed_seq_params": None,
     }
+
+
+def _prepare_thd(batch, *, cp_size, cp_rank, total_multiple, cp_group):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    packed = thd_pack(batch, cp_size=cp_size, total_multiple=total_multiple)
+    out = {k: packed[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    if cp_size > 1:
+        idx = _te_partition_indices(packed["cu_seqlens_padded"], out["tokens"].shape[1], cp_size, cp_rank)
+        out = {k: v.index_select(1, idx.to(v.device)) for k, v in out.items()}
+    cu, cup, mx = packed["cu_seqlens"], packed["cu_seqlens_padded"], packed["max_seqlen"]
+    kwargs = dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cup,
+                  cu_seqlens_kv_padded=cup, max_seqlen_q=mx, max_seqlen_kv=mx)
+    if cp_group is not None:
+        kwargs["cp_group"] = cp_group
+    out["packed_seq_params"] = PackedSeqParams(**kwargs)
+    out["attention_mask"] = None
+    return out

@@ -50,6 +50,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):  # needs a CUDA driver (megatron's get_pos_emb_on_this_cp_rank)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, int, torch.device)):
             args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

@@ -1,1 +1,1 @@
-
+"""Step, schedule, optimizer, checkpoint save/resume, logging."""

@@ -1,0 +1,312 @@
+"""The typed configuration tree: YAML recipe + dotted command-line overrides, checked up front.
+
+    cfg = load_config("examples/prolong_64k.yaml", ["train.lr=2e-5", "parallel.context=4"])
+
+Every field carries a docstring (the string literal below it). ``__post_init__`` of each section
+rejects what can be rejected without knowing the world size; ``Config.check_world`` adds the
+checks that need it (TP x PP x CP x DP, global batch vs micro batch x DP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .data.config import DataConfig
+from .models.registry import ModelSpec, get_model_spec, list_models
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says how to fix it."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama3-debug"
+    """Registry name: one of ``megatron_prolong.models.list_models()``."""
+    rotary_base: Optional[float] = None
+    """RoPE theta override (ProLong: 8e6 for 64K, 1.28e8 for 512K). None keeps the model's."""
+    overrides: dict = field(default_factory=dict)
+    """Further ModelSpec field overrides, e.g. ``{num_layers: 2}`` for a smoke run."""
+    transformer_engine: str = "auto"
+    """``auto`` (TE when installed and on GPU), ``on`` or ``off`` (portable attention)."""
+    loss_chunk_tokens: int = 0
+    """Compute the output layer + cross-entropy in chunks of this many tokens so the full
+    [tokens x vocab] logits never exist (needed at 512K). 0: one piece."""
+
+    def __post_init__(self):
+        _require(self.name in list_models(),
+                 f"model.name={self.name!r} is unknown; choose one of {list_models()}")
+        _require(self.transformer_engine in ("auto", "on", "off"),
+                 f"model.transformer_engine must be auto, on or off, got {self.transformer_engine!r}")
+        _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens must be >= 0 (0 disables chunking)")
+        self.spec()  # unknown override keys fail here, not at step 0
+
+    def spec(self) -> ModelSpec:
+        overrides = dict(self.overrides)
+        if self.rotary_base is not None:
+            overrides["rotary_base"] = float(self.rotary_base)
+        try:
+            return get_model_spec(self.name, **overrides)
+        except ValueError as e:
+            raise ConfigError(f"model.overrides: {e}") from None
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (must divide the attention heads and KV heads)."""
+    pipeline: int = 1
+    """Pipeline-parallel size (must divide the number of layers)."""
+    context: int = 1
+    """Context-parallel size: the sequence is split into 2 x CP zigzag chunks."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism for norms/dropout activations (needs tensor > 1)."""
+    cp_comm_type: str = "all_gather"
+    """TE context-parallel communication: p2p, all_gather, a2a or a2a+p2p. The portable
+    attention always all-gathers K/V."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce-scatter with backward (GPU)."""
+
+    def __post_init__(self):
+        for name in ("tensor", "pipeline", "context"):
+            _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        _require(not self.sequence_parallel or self.tensor > 1,
+                 "parallel.sequence_parallel needs parallel.tensor > 1; set it false or raise tensor")
+        _require(self.cp_comm_type in ("p2p", "all_gather", "a2a", "a2a+p2p"),
+                 f"parallel.cp_comm_type must be p2p, all_gather, a2a or a2a+p2p, got {self.cp_comm_type!r}")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline * self.context
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    """Peak learning rate (ProLong: 1e-5 pre-training, 2e-5 SFT)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of ``lr``."""
+    warmup_ratio: float = 0.1
+    """Linear warmup length as a fraction of ``train.steps``."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
+        _require(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    """Optimizer steps of the run (the schedule length)."""
+    seq_length: int = 64
+    """Tokens per sample (ProLong: 65536, then 524288)."""
+    micro_batch_size: int = 1
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all data-parallel ranks."""
+    global_batch_tokens: Optional[int] = None
+    """Alternative to ``global_batch_size``: tokens per step (ProLong: 4M at 64K, 8M at 512K);
+    must be a multiple of ``seq_length``."""
+    seed: int = 1234
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    recompute: str = "none"
+    """Activation recompute: ``none``, ``selective`` (core attention) or ``full`` (every layer)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cuda`` or ``cpu`` (gloo; CI and debugging)."""
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "train.steps must be >= 1")
+        _require(self.seq_length >= 2, "train.seq_length must be >= 2")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        _require((self.global_batch_size is None) != (self.global_batch_tokens is None),
+                 "set exactly one of train.global_batch_size (samples) or train.global_batch_tokens")
+        if self.global_batch_tokens is not None:
+            _require(self.global_batch_tokens % self.seq_length == 0,
+                     f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                     f"train.seq_length={self.seq_length}")
+            self.global_batch_size = self.global_batch_tokens // self.seq_length
+            self.global_batch_tokens = None
+        _require(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32")
+        _require(self.recompute in ("none", "selective", "full"),
+                 "train.recompute must be none, selective or full")
+        _require(self.device in ("auto", "cuda", "cpu"), "train.device must be auto, cuda or cpu")
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    """Where checkpoints go; a run finding one here resumes from the latest complete one."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM/SIGUSR1)."""
+    save_at_end: bool = True
+    init_from: Optional[str] = None
+    """A model-only checkpoint to start from (e.g. converted from Hugging Face); its stored
+    model spec is used. Ignored when ``save_dir`` already holds a checkpoint to resume."""
+    keep_last: int = 0
+    """Delete older checkpoints, keeping this many (0 keeps all)."""
+    exit_on_signal: bool = True
+    """On SIGTERM/SIGUSR1 (Slurm pre-emption), save after the current step and exit."""
+
+    def __post_init__(self):
+        _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last must be >= 0")
+        _require(self.save_dir is not None or self.save_interval == 0,
+                 "checkpoint.save_interval needs checkpoint.save_dir")
+        if self.init_from is not None:
+            _require(Path(self.init_from).is_dir(),
+                     f"checkpoint.init_from={self.init_from!r} is not a directory")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    """Print a progress line every N steps."""
+    tensorboard_dir: Optional[str] = None
+
+    def __post_init__(self):
+        _require(self.interval >= 1, "logging.interval must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch_size=1))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        spec, p, t = self.model.spec(), self.parallel, self.train
+        _require(spec.num_attention_heads % p.tensor == 0 and spec.num_query_groups % p.tensor == 0,
+                 f"parallel.tensor={p.tensor} must divide the {spec.num_attention_heads} attention heads "
+                 f"and {spec.num_query_groups} KV heads of {spec.name}")
+        _require(spec.num_layers % p.pipeline == 0,
+                 f"parallel.pipeline={p.pipeline} must divide the {spec.num_layers} layers of {spec.name}")
+        _require(t.seq_length % (2 * p.context) == 0 or p.context == 1,
+                 f"train.seq_length={t.seq_length} must be a multiple of 2 x parallel.context = "
+                 f"{2 * p.context} (zigzag context-parallel split)")
+        _require(t.seq_length % p.tensor == 0 or not p.sequence_parallel,
+                 f"train.seq_length={t.seq_length} must be a multiple of parallel.tensor={p.tensor} "
+                 "with sequence parallelism")
+        _require(self.model.transformer_engine != "on" or p.context == 1 or t.seq_length % (2 * p.context) == 0,
+                 "TE context parallelism needs seq_length divisible by 2 x CP")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.parallel.model_parallel
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the number of ranks."""
+        p, t = self.parallel, self.train
+        _require(world_size % p.model_parallel == 0,
+                 f"world size {world_size} is not divisible by TP x PP x CP = {p.tensor} x {p.pipeline} x "
+                 f"{p.context} = {p.model_parallel}; launch a multiple of {p.model_parallel} ranks")
+        dp = world_size // p.model_parallel
+        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                 f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML recipe (optional) and apply ``section.field=value`` overrides (YAML values)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return _build(Config, raw, "")
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, fields, n=1)
+        hint = f"; did you mean {where}{close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
+        raise ConfigError(f"unknown config key {where}{k!r}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Light type checking of YAML scalars (ints where floats are expected, etc.)."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if origin is typing.Union and type(None) in typing.get_args(hint):
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if origin is typing.Union:
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-5 (no dot) as a string
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    if (origin or hint) in (dict, list) and not isinstance(value, origin or hint):
+        raise ConfigError(f"{where} must be a {(origin or hint).__name__}, got {value!r}")
+    return value

@@ -1,0 +1,220 @@
+"""Megatron indexed datasets (``.bin``/``.idx``): atomic writing, fail-fast opening, mask pairing.
+
+Writing goes through megatron-core's ``IndexedDatasetBuilder`` so that the files are exactly what
+``megatron.core.datasets.indexed_dataset.IndexedDataset`` reads. Every output is first written
+under a temporary name and renamed only when the whole job succeeded, so a crash or a bad input
+never leaves a complete-looking ``.bin``/``.idx`` pair behind.
+
+megatron-core is imported lazily: importing it costs seconds, and modules such as the chat template
+or the config do not need it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+#: Llama-3 vocabulary size; ids must fit int32 (the dtype Megatron picks for vocabularies > 65500).
+LLAMA3_VOCAB_SIZE = 128256
+TOKEN_DTYPE = np.int32
+MASK_DTYPE = np.uint8
+#: The loss-mask dataset of ``PREFIX`` lives at ``PREFIX + MASK_SUFFIX`` (same document layout).
+MASK_SUFFIX = "_mask"
+
+
+def quiet_library_warnings() -> None:
+    """Silence import-time chatter of megatron-core / torch on machines without TE, Apex or CUDA
+    (the tools' output should show their own progress and errors)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+class DataError(Exception):
+    """Bad input (missing/corrupt file, bad schema, out-of-vocabulary tokens); the message names
+    the offending file and says how to fix it. Tools print it and exit non-zero."""
+
+
+def mask_prefix(prefix: str | os.PathLike) -> str:
+    """Prefix of the loss-mask dataset that belongs to the token dataset ``prefix``."""
+    return f"{prefix}{MASK_SUFFIX}"
+
+
+def has_mask(prefix: str | os.PathLike) -> bool:
+    return all(Path(mask_prefix(prefix) + ext).exists() for ext in (".bin", ".idx"))
+
+
+def check_prefix_exists(prefix: str | os.PathLike, what: str = "dataset") -> None:
+    """Fail fast with the missing file's name (megatron-core only asserts)."""
+    for ext in (".idx", ".bin"):
+        path = Path(f"{prefix}{ext}")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{what} prefix {prefix!s}: missing file {path}. Build it with "
+                "tools/mds_to_indexed.py or tools/tokenize_to_indexed.py, or fix the prefix "
+                "(give the path without .bin/.idx).")
+
+
+def open_indexed(prefix: str | os.PathLike):
+    """Open ``prefix`` as a megatron-core ``IndexedDataset``, with a clear error if it is absent
+    or unreadable."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    check_prefix_exists(prefix)
+    try:
+        return IndexedDataset(str(prefix))
+    except Exception as e:  # corrupt header, truncated index, ...
+        raise DataError(f"cannot read indexed dataset {prefix}.idx/.bin: {e}") from e
+
+
+def document_lengths(ds) -> np.ndarray:
+    """Per-document token counts of an IndexedDataset written with one sequence per document."""
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    if len(ds.document_indices) != len(lengths) + 1:
+        raise DataError(
+            f"{ds.path_prefix}: documents made of several sequences are not supported "
+            "(write one sequence per document, as the tools in tools/ do)")
+    return lengths
+
+
+class TokenStore:
+    """Flat, memory-mapped view of an indexed dataset's tokens: ``doc(d, a, b)`` is a zero-copy
+    slice of document ``d``. Cheaper than ``IndexedDataset.get`` per call, which matters when a
+    512K-token sample spans hundreds of short documents."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        ds = open_indexed(prefix)
+        self.prefix = str(prefix)
+        self.lengths = document_lengths(ds)
+        self.dtype = np.dtype(ds.index.dtype)
+        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        bin_path = f"{prefix}.bin"
+        expected = int(self.offsets[-1]) * self.dtype.itemsize
+        if os.path.getsize(bin_path) != expected:
+            raise DataError(f"{bin_path}: size {os.path.getsize(bin_path)} bytes does not match its "
+                            f".idx ({expected} bytes); the pair is truncated or mismatched, rebuild it")
+        self.tokens = (np.memmap(bin_path, dtype=self.dtype, mode="r") if expected
+                       else np.zeros(0, self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def doc(self, d: int, start: int = 0, end: int | None = None) -> np.ndarray:
+        base = self.offsets[d]
+        end = self.lengths[d] if end is None else end
+        return self.tokens[base + start: base + end]
+
+
+class AtomicIndexedWriter:
+    """One indexed dataset (and optionally its aligned loss-mask dataset) written under temporary
+    names; ``commit()`` renames them into place, ``abort()`` deletes them.
+
+    Documents are added with ``add(tokens, mask=None)``; one sequence per document.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, with_mask: bool = False,
+                 vocab_size: int | None = None):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = str(prefix)
+        self.with_mask = with_mask
+        self.vocab_size = vocab_size
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = f"{self.prefix}.tmp{os.getpid()}"
+        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=TOKEN_DTYPE)
+        self._mask_builder = (IndexedDatasetBuilder(mask_prefix(self._tmp) + ".bin", dtype=MASK_DTYPE)
+                              if with_mask else None)
+        self.documents = 0
+        self.tokens = 0
+        self._finalized = False
+
+    def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        n = len(tokens)
+        self._builder.add_document(np.asarray(tokens, dtype=TOKEN_DTYPE), [n])
+        if self._mask_builder is not None:
+            if mask is None or len(mask) != n:
+                raise DataError(f"{self.prefix}: every document needs a loss mask of its length "
+                                f"(document {self.documents}: {n} tokens, mask "
+                                f"{None if mask is None else len(mask)})")
+            self._mask_builder.add_document(np.asarray(mask, dtype=MASK_DTYPE), [n])
+        self.documents += 1
+        self.tokens += n
+
+    def add_index(self, prefix: str) -> None:
+        """Append a whole (temporary) dataset written by another worker, in order."""
+        self._builder.add_index(prefix)
+        if self._mask_builder is not None:
+            self._mask_builder.add_index(mask_prefix(prefix))
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        prefixes = [(self._tmp, self.prefix)]
+        if self.with_mask:
+            prefixes.append((mask_prefix(self._tmp), mask_prefix(self.prefix)))
+        return [(a + ext, b + ext) for a, b in prefixes for ext in (".bin", ".idx")]
+
+    def finalize(self) -> None:
+        """Write the .idx files (still under temporary names)."""
+        if not self._finalized:
+            self._builder.finalize(self._tmp + ".idx")
+            if self._mask_builder is not None:
+                self._mask_builder.finalize(mask_prefix(self._tmp) + ".idx")
+            self._finalized = True
+
+    def commit(self) -> None:
+        self.finalize()
+        for tmp, final in self._pairs():
+            os.replace(tmp, final)
+
+    def abort(self) -> None:
+        for f in (self._builder, self._mask_builder):
+            if f is not None and not f.data_file.closed:
+                f.data_file.close()
+        for tmp, _ in self._pairs():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def commit_all(writers: Iterable[AtomicIndexedWriter], summary_path: str | None = None,
+               summary: dict | None = None) -> None:
+    """Finalize every writer, then rename; the JSON summary is renamed last, so its presence marks
+    a complete conversion."""
+    import json
+
+    writers = list(writers)
+    for w in writers:
+        w.finalize()
+    for w in writers:
+        w.commit()
+    if summary_path is not None:
+        tmp = f"{summary_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, summary_path)
+
+
+def length_histogram(lengths: np.ndarray) -> dict[str, int]:
+    """Document counts per power-of-two length bucket, keys like ``"1024-2047"``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return {}
+    buckets = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    counts = np.bincount(buckets)
+    return {f"{1 << b}-{(1 << (b + 1)) - 1}": int(c) for b, c in enumerate(counts) if c}
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    """Raise DataError if a token id is negative or >= vocab_size."""
+    if len(tokens) == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise DataError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size}); "
+                        "pass the right --vocab-size or check the tokenizer")

@@ -1,0 +1,137 @@
+"""Memory-bounded (chunked) vocab-parallel cross-entropy head, and the masked loss reduction.
+
+``chunked_lm_loss(hidden [s, b, h], weight [V/tp, h], labels [b, s], chunk_tokens=N)`` returns the
+per-token losses ``[b, s]`` (fp32) of ``softmax(hidden @ weight.T)`` without materialising the
+``[s*b, V]`` logits: the forward computes the logits of ``N`` tokens at a time and keeps only
+each token's log-sum-exp; the backward recomputes each chunk's logits and turns them into
+``d hidden`` and ``d weight`` right away. Peak extra memory: one ``[N, V/tp]`` fp32 chunk (plus its
+softmax) instead of ``[s*b, V/tp]``.
+
+Tensor parallelism: ``weight`` is the vocab-parallel shard of this rank (megatron's
+``output_layer``); the max / target logit / sum-exp are all-reduced over the TP group, the same
+math as ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``. The input hidden states
+go through megatron's ``copy_to_tensor_model_parallel_region`` (backward: all-reduce of the partial
+``d hidden``) or, with sequence parallelism, ``gather_from_sequence_parallel_region`` (backward:
+reduce-scatter), exactly what ``ColumnParallelLinear`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _tp_info(group):
+    if group is None or not dist.is_initialized():
+        return None, 1, 0
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+def _chunk_stats(h, weight, target, vocab_start, vocab_end, group, world):
+    """fp32 logits of one chunk, its global log-sum-exp and target logit."""
+    logits = (h @ weight.t()).float()
+    lmax = logits.max(dim=-1).values
+    if world > 1:
+        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+    in_shard = (target >= vocab_start) & (target < vocab_end)
+    local_t = (target - vocab_start).clamp(0, logits.shape[-1] - 1)
+    pred = logits.gather(1, local_t[:, None]).squeeze(1) * in_shard
+    sumexp = torch.exp(logits - lmax[:, None]).sum(-1)
+    if world > 1:
+        both = torch.stack([pred, sumexp])
+        dist.all_reduce(both, group=group)
+        pred, sumexp = both[0], both[1]
+    lse = torch.log(sumexp) + lmax
+    return logits, lse, pred, in_shard, local_t
+
+
+class _ChunkedVocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk_tokens, group):
+        # hidden [n, h] (full sequence on every TP rank), weight [v_local, h], target [n]
+        group, world, rank = _tp_info(group)
+        v_local = weight.shape[0]
+        vocab_start, vocab_end = rank * v_local, (rank + 1) * v_local
+        n = hidden.shape[0]
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(n, s + chunk_tokens)
+            _, lse, pred, _, _ = _chunk_stats(hidden[s:e], weight, target[s:e], vocab_start, vocab_end,
+                                              group, world)
+            losses[s:e] = lse - pred
+            lses[s:e] = lse
+        ctx.save_for_backward(hidden, weight, target, lses)
+        ctx.chunk_tokens, ctx.group, ctx.world = chunk_tokens, group, world
+        ctx.vocab_range = (vocab_start, vocab_end)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, target, lses = ctx.saved_tensors
+        vocab_start, vocab_end = ctx.vocab_range
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_losses = grad_losses.float()
+        for s in range(0, n, ctx.chunk_tokens):
+            e = min(n, s + ctx.chunk_tokens)
+            h = hidden[s:e]
+            logits = (h @ weight.t()).float()
+            probs = torch.exp(logits - lses[s:e, None])
+            t = target[s:e]
+            in_shard = (t >= vocab_start) & (t < vocab_end)
+            rows = torch.nonzero(in_shard).flatten()
+            probs[rows, (t[rows] - vocab_start)] -= 1.0
+            g = probs * grad_losses[s:e, None]  # d loss / d logits, [chunk, v_local]
+            del logits, probs
+            if grad_hidden is not None:
+                grad_hidden[s:e] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += g.t() @ h.float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    chunk_tokens: int, tp_group=None, sequence_parallel: bool = False) -> torch.Tensor:
+    """Per-token cross-entropy ``[b, s]`` (fp32) from final hidden states ``[s(/tp), b, h]``.
+
+    ``weight``: the output layer's vocab-parallel shard ``[V/tp, h]``; ``tp_group``: megatron's TP
+    group (None: no TP); ``sequence_parallel``: ``hidden`` is scattered along ``s`` over TP.
+    """
+    from megatron.core import tensor_parallel
+
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    tp_world = dist.get_world_size(tp_group) if (tp_group is not None and dist.is_initialized()) else 1
+    if sequence_parallel and tp_world > 1:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=True, group=tp_group)
+    elif tp_world > 1:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    s, b, h = hidden.shape
+    if labels.shape != (b, s):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states [s={s}, b={b}]")
+    flat_h = hidden.reshape(s * b, h)
+    flat_t = labels.transpose(0, 1).reshape(s * b)
+    losses = _ChunkedVocabParallelCE.apply(flat_h, weight, flat_t, chunk_tokens,
+                                           tp_group if tp_world > 1 else None)
+    return losses.view(s, b).transpose(0, 1).contiguous()
+
+
+def masked_loss_sum(losses: torch.Tensor, loss_mask: torch.Tensor):
+    """``(sum of masked token losses, number of loss tokens)`` for ``calculate_per_token_loss``.
+
+    Safe for a CP rank / micro-batch with every token masked: returns ``(0.0, 0)`` with a zero,
+    finite gradient (no division here; megatron divides by the DP x CP all-reduced token count).
+    Uses ``where`` rather than a product so a non-finite loss at a masked position cannot leak.
+    """
+    mask = loss_mask.reshape(-1).float()
+    flat = losses.reshape(-1).float()
+    total = torch.where(mask > 0, flat * mask, torch.zeros_like(flat)).sum()
+    return total, mask.sum().detach().to(torch.int)

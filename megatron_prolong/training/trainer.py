@@ -1,0 +1,136 @@
+"""The training loop: set up, resume, step, log, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from .. import parallel
+from ..config import Config, ConfigError
+from ..data import build_train_dataset
+from ..models.registry import ModelSpec
+from ..platform import current_device
+from . import checkpoint as ckpt
+from .data_iter import micro_batches, rank_micro_batch_indices
+from .progress import ProgressLogger
+from .setup import build_model, build_optimizer, build_scheduler, use_te
+from .signals import PreemptionSignal
+from .step import train_step
+
+# Fields that define the network's shapes: a checkpoint and the recipe must agree on them.
+_ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "vocab_size")
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)
+    """Global token-averaged loss of every step this call ran, by step number (1-based)."""
+    iteration: int = 0
+    consumed_samples: int = 0
+    interrupted: bool = False
+
+
+def resolve_model_spec(cfg: Config) -> ModelSpec:
+    """The registry spec, or the one stored with ``checkpoint.init_from`` / a resumable checkpoint,
+    with the recipe's RoPE base and overrides applied on top (each ProLong stage sets its theta)."""
+    spec = cfg.model.spec()
+    source = None
+    if cfg.checkpoint.save_dir and ckpt.latest_iteration(cfg.checkpoint.save_dir) is not None:
+        source = cfg.checkpoint.save_dir
+    elif cfg.checkpoint.init_from:
+        source = cfg.checkpoint.init_from
+    if source is None:
+        return spec
+    stored = ckpt.model_spec_from_meta(ckpt.read_checkpoint_meta(source))
+    mismatch = [f for f in _ARCH_FIELDS if getattr(stored, f) != getattr(spec, f)]
+    if mismatch:
+        raise ConfigError(
+            f"checkpoint {source} holds a {stored.name} model that differs from model.name={cfg.model.name} in "
+            f"{mismatch}; set model.name to the checkpoint's architecture")
+    overrides = dict(cfg.model.overrides)
+    if cfg.model.rotary_base is not None:
+        overrides["rotary_base"] = float(cfg.model.rotary_base)
+    return stored.replace(**overrides)
+
+
+def train(cfg: Config) -> TrainResult:
+    p, t = cfg.parallel, cfg.train
+    parallel.initialize(p.tensor, p.pipeline, p.context, device=t.device, seed=t.seed)
+    cfg.check_world(dist.get_world_size())
+    device = current_device()
+    spec = resolve_model_spec(cfg)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    logging_rank = (parallel_state.is_pipeline_last_stage() and dp_rank == 0
+                    and parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_context_parallel_rank() == 0)
+
+    model = build_model(cfg, spec)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    gbs, mbs = t.global_batch_size, t.micro_batch_size
+    dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed,
+                                  vocab_size=spec.vocab_size, num_samples=t.steps * gbs)
+
+    state = {"iteration": 0, "consumed_samples": 0}
+    log = ProgressLogger(t.steps, 0, logging_rank, cfg.logging.tensorboard_dir, cfg.logging.interval)
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir and ckpt.latest_iteration(save_dir) is not None:
+        state.update(ckpt.load_checkpoint(save_dir, model, optimizer=optimizer, scheduler=scheduler))
+        log.info(f"resumed from {save_dir} at step {state['iteration']} "
+                 f"({state['consumed_samples']} samples consumed)")
+    elif cfg.checkpoint.init_from:
+        ckpt.load_checkpoint(cfg.checkpoint.init_from, model)
+        log.info(f"initialised weights from {cfg.checkpoint.init_from}")
+    log.start = state["iteration"]
+    log.info(f"model {spec.name}: {spec.num_parameters() / 1e6:.1f}M parameters, rotary base {spec.rotary_base:g} | "
+             f"TP {p.tensor} PP {p.pipeline} CP {p.context} DP {dp_size} | global batch {gbs} x {t.seq_length} "
+             f"tokens | {t.steps} steps | device {device.type}")
+
+    order = None
+    if getattr(cfg.data, "length_sorted", False):
+        from ..data import order_global_batch
+
+        order = lambda idx: order_global_batch(dataset, idx)  # noqa: E731
+    result = TrainResult(iteration=state["iteration"], consumed_samples=state["consumed_samples"])
+    te = use_te(cfg)
+    with PreemptionSignal() as preempt:
+        while result.iteration < t.steps:
+            groups = rank_micro_batch_indices(result.consumed_samples, gbs, mbs, dp_rank, dp_size, order)
+            out = train_step(
+                model, optimizer, scheduler,
+                micro_batches(dataset, groups, device=device, cp_size=p.context,
+                              cp_rank=parallel_state.get_context_parallel_rank(), use_te=te),
+                num_microbatches=len(groups), seq_length=t.seq_length // p.context,
+                micro_batch_size=mbs, global_batch_size=gbs,
+            )
+            result.iteration += 1
+            result.consumed_samples += gbs
+            result.losses[result.iteration] = out.loss
+            log.step(result.iteration, out.loss, out.lr, out.grad_norm, gbs * t.seq_length, out.skipped)
+
+            stop = cfg.checkpoint.exit_on_signal and preempt.any_rank_received(device)
+            periodic = cfg.checkpoint.save_interval and result.iteration % cfg.checkpoint.save_interval == 0
+            last = result.iteration == t.steps and cfg.checkpoint.save_at_end
+            if save_dir and (stop or periodic or last):
+                path = ckpt.save_checkpoint(
+                    save_dir, result.iteration, model, model_spec=spec, optimizer=optimizer, scheduler=scheduler,
+                    train_state={"iteration": result.iteration, "consumed_samples": result.consumed_samples,
+                                 "config": cfg.to_dict()},
+                    keep_last=cfg.checkpoint.keep_last)
+                log.info(f"saved checkpoint {path}")
+                log.skip_pause()
+            if stop:
+                log.info(f"pre-emption signal: stopped after step {result.iteration}")
+                result.interrupted = True
+                break
+    log.close()
+    return result
+
+
+def describe(cfg: Config) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items())

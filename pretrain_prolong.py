@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Train a long-context Llama-3 the ProLong way.
+
+    torchrun --nproc-per-node 8 pretrain_prolong.py --config examples/prolong_64k.yaml \\
+        checkpoint.save_dir=/ckpt/stage1 train.steps=5000
+
+Everything after ``--config`` is a dotted override (``section.field=value``); see
+``megatron_prolong/config.py`` for every field.
+"""
+
+import argparse
+import sys
+
+from megatron_prolong.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (examples/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_prolong.parallel import destroy
+    from megatron_prolong.training.trainer import train
+
+    try:
+        train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
