@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,6 +33,7 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, a
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+    warnings.filterwarnings("ignore")  # megatron-core warns about absent apex/TE on every import
     # Two cores shared by all ranks: more intra-op threads only adds contention.
     torch.set_num_threads(1)
     result = fn(*args)

@@ -7,8 +7,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from .gpt import ProLongGPTModel
+from .norm import RMSNorm
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .registry import ModelSpec
@@ -61,7 +63,8 @@ def build_transformer_config(spec: ModelSpec, **overrides) -> TransformerConfig:
 
 
 def layer_spec(use_te: bool) -> ModuleSpec:
-    """TE fused layer spec, or megatron's local spec with the project's portable core attention."""
+    """TE fused layer spec, or megatron's local spec with the project's portable core attention
+    and an RMSNorm that works with sequence parallelism."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -70,7 +73,19 @@ def layer_spec(use_te: bool) -> ModuleSpec:
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = PortableCoreAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def block_spec(config: TransformerConfig, use_te: bool):
+    """Layer spec for every layer of this stage, plus the final norm (TE's own when TE is used)."""
+    if use_te:
+        return layer_spec(True)
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * get_num_layers_to_build(config),
+                                      layer_norm=RMSNorm)
 
 
 def build_gpt_model(
@@ -85,7 +100,7 @@ def build_gpt_model(
     use_te = te_available() if use_te is None else use_te
     return ProLongGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=block_spec(config, use_te),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,
