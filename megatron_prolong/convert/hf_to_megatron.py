@@ -19,7 +19,7 @@ from ..models.registry import ModelSpec, get_model_spec
 from .adapter import EXTRA_STATE_MODULES, IGNORED_HF_SUFFIXES, LlamaWeightAdapter
 from .dist_io import PlannedObject, PlannedTensor, write_json_atomic, write_torch_dist_checkpoint
 from .hf_config import check_against_registry, spec_from_hf_config, spec_to_dict
-from .layout import META_FILE, TRACKER_FILE, check_output_dir, iteration_dir, publish, staging_dir
+from .layout import LATEST_FILE, META_FILE, check_output_dir, iteration_dir, publish, staging_dir
 from .progress import Progress
 from .safetensors_stream import TensorEntry, read_header, read_tensor
 
@@ -103,8 +103,10 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
         meta = {
             "iteration": 0,
             "model_spec": spec_to_dict(spec),
-            "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "context_parallel": 1},
             "has_optimizer": False,
+            # Shards are stored whole (as a TP=1/PP=1 save would be); the trainer reshards on load.
+            "parallel": {"tensor": 1, "pipeline": 1, "context": 1, "data": 1},
+            "train_state": {},
             "dtype": str(dtype).replace("torch.", ""),
             "converted_from": {"format": "huggingface", "path": str(hf_dir.resolve()),
                                "rope_theta_in_source": hf_cfg.get("rope_theta")},
@@ -112,7 +114,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
         write_json_atomic(ckpt / META_FILE, meta)
         # Keep the source config: megatron-to-hf can restore token ids from it.
         shutil.copy2(hf_dir / "config.json", ckpt / "hf_config.json")
-        write_json_atomic(tmp / TRACKER_FILE, 0)
+        (tmp / LATEST_FILE).write_text("0\n")
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

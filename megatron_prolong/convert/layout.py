@@ -1,87 +1,54 @@
-"""The trainer's checkpoint directory layout, as far as the converter needs it.
+"""The trainer's checkpoint layout (owned by ``megatron_prolong.training.checkpoint``) plus the
+converter's own output discipline (refuse non-empty outputs, stage, then rename).
 
 ::
 
     DIR/latest_checkpointed_iteration.txt     latest complete iteration (written last)
     DIR/iter_0000010/                         megatron dist_checkpointing (torch_dist) directory
     DIR/iter_0000010/prolong_meta.json        {"iteration", "model_spec", "parallel", "has_optimizer", ...}
-
-Reading prefers ``megatron_prolong.training.checkpoint`` (the trainer's own code) when it is
-importable, so the two cannot drift; the fallbacks implement the same documented layout.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-META_FILE = "prolong_meta.json"
+# One definition of the layout: the trainer's.
+from ..training.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, iteration_dir, latest_iteration,
+                                   read_checkpoint_meta)
 
-
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: Path) -> int | None:
-    try:
-        from ..training.checkpoint import latest_iteration as trainer_latest
-    except ImportError:
-        trainer_latest = None
-    if trainer_latest is not None:
-        return trainer_latest(root)
-    tracker = Path(root) / TRACKER_FILE
-    if not tracker.exists():
-        return None
-    return int(tracker.read_text().strip())
-
-
-def read_meta(root: Path, iteration: int | None = None) -> dict:
-    try:
-        from ..training.checkpoint import read_checkpoint_meta
-    except ImportError:
-        read_checkpoint_meta = None
-    if read_checkpoint_meta is not None:
-        return read_checkpoint_meta(root, iteration)
-    if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
-            raise FileNotFoundError(f"{root}: no {TRACKER_FILE}; is this a megatron-prolong checkpoint "
-                                    "directory? (pass --iteration N to pick one explicitly)")
-    path = iteration_dir(root, iteration) / META_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
-    return json.loads(path.read_text())
+__all__ = ["LATEST_FILE", "META_FILE", "CheckpointError", "check_output_dir", "iteration_dir", "latest_iteration",
+           "publish", "read_checkpoint_meta", "resolve_checkpoint", "staging_dir"]
 
 
 def resolve_checkpoint(root: Path, iteration: int | None) -> tuple[Path, int]:
-    """``(iteration directory, iteration)``, from the tracker file unless ``iteration`` is given."""
+    """``(iteration directory, iteration)``; the latest complete one unless ``iteration`` is given."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such checkpoint directory")
+        raise CheckpointError(f"{root}: no such checkpoint directory")
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
             found = sorted(p.name for p in root.glob("iter_*"))
-            raise FileNotFoundError(f"{root}: no {TRACKER_FILE} (no complete checkpoint); "
-                                    f"iteration folders present: {found or 'none'}")
+            raise CheckpointError(f"{root}: no {LATEST_FILE}, so no complete checkpoint; iteration folders "
+                                  f"present: {found or 'none'} (pass --iteration N to pick one)")
     path = iteration_dir(root, iteration)
-    if not (path / "metadata.json").exists():
-        raise FileNotFoundError(f"{path}: not a complete dist checkpoint (no metadata.json)")
+    if not (path / META_FILE).is_file() or not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (needs {META_FILE} and metadata.json)")
     return path, iteration
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to write into a non-empty folder (we never merge into or overwrite results)."""
+    """Refuse to write into a non-empty folder: results are never merged or overwritten."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new path")
 
 
 def staging_dir(out: Path) -> Path:
-    """A sibling temp folder: the result appears under ``out`` only by a final rename."""
+    """A hidden sibling folder to build the result in; it appears as ``out`` only by a final
+    rename, so a crash never leaves something that looks complete."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
@@ -92,8 +59,8 @@ def staging_dir(out: Path) -> Path:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Atomically move the finished staging folder to ``out`` (replacing an empty ``out``)."""
+    """Move the finished staging folder to ``out`` (replacing ``out`` if it is an empty folder)."""
     out = Path(out).resolve()
     if out.exists():
-        out.rmdir()  # empty (checked before starting); rmdir refuses otherwise
+        out.rmdir()  # checked empty before starting; rmdir refuses otherwise
     os.replace(tmp, out)

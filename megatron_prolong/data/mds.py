@@ -51,6 +51,10 @@ class ConvertOptions:
     max_length: int | None = None
     split_by_domain: bool = False
 
+    def __post_init__(self):
+        if not 0 < self.vocab_size <= 2**31:
+            raise DataError(f"--vocab-size must be in (0, 2**31] (tokens are stored as int32), got {self.vocab_size}")
+
 
 @dataclass
 class DomainStats:
@@ -127,8 +131,9 @@ def _shards_of(dirname: Path, start: int) -> list[ShardTask]:
     return tasks
 
 
-def split_sample(sample: dict, where: str) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """The original documents of one (possibly packed) sample, with their SFT mask slices."""
+def split_sample(sample: dict, where: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(input_ids, mask or None, [n, 2] start/end pairs of the original documents) of one
+    (possibly packed) sample, validated."""
     ids = np.asarray(sample["input_ids"])
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise DataError(f"{where}: input_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
@@ -142,21 +147,19 @@ def split_sample(sample: dict, where: str) -> Iterator[tuple[np.ndarray, np.ndar
             raise DataError(f"{where}: mask has shape {mask.shape}, input_ids {ids.shape}")
     indices = sample.get("indices")
     if indices is None:
-        yield ids, mask
-        return
+        return ids, mask, np.array([[0, len(ids)]], dtype=np.int64)
     pairs = np.asarray(indices, dtype=np.int64).reshape(-1, 2)
     starts, ends = pairs[:, 0], pairs[:, 1]
     if len(pairs) and (starts[0] < 0 or ends[-1] > len(ids) or np.any(ends <= starts)
                        or np.any(starts[1:] < ends[:-1])):
         raise DataError(f"{where}: 'indices' must be ordered, non-overlapping [start, end) pairs "
                         f"inside the {len(ids)} tokens, got {pairs.tolist()[:8]}...")
-    for s, e in pairs:
-        yield ids[s:e], (None if mask is None else mask[s:e])
+    return ids, mask, pairs
 
 
 def read_shard(task: ShardTask, opts: ConvertOptions
-               ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(domain, tokens, mask) for every original document of one shard, after vocabulary checks."""
+               ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]]:
+    """(domain, input_ids, mask, document spans) for every sample of one shard, vocabulary checked."""
     from streaming.base.format import reader_from_json
 
     try:
@@ -174,9 +177,9 @@ def read_shard(task: ShardTask, opts: ConvertOptions
             domain = task.default_domain
         if not isinstance(domain, str) or not domain.strip():
             raise DataError(f"{where}: empty domain name; fix the 'domain' field")
-        check_vocab(np.asarray(sample["input_ids"]), opts.vocab_size, where)
-        for tokens, mask in split_sample(sample, where):
-            yield domain, tokens, mask
+        ids, mask, spans = split_sample(sample, where)
+        check_vocab(ids, opts.vocab_size, where)
+        yield domain, ids, mask, spans
 
 
 WriterFor = Callable[[str], AtomicIndexedWriter]
@@ -186,19 +189,19 @@ def convert_shard(task: ShardTask, opts: ConvertOptions, writer_for: WriterFor
                   ) -> dict[str, DomainStats]:
     """Write one shard's documents through ``writer_for(domain)``; returns per-domain stats."""
     stats: dict[str, DomainStats] = {}
-    for domain, tokens, mask in read_shard(task, opts):
+    max_length = opts.max_length if opts.max_length is not None else np.iinfo(np.int64).max
+    for domain, ids, mask, spans in read_shard(task, opts):
         st = stats.setdefault(domain, DomainStats())
-        n = len(tokens)
-        if n < opts.min_length:
-            st.filtered_short += 1
-            continue
-        if opts.max_length is not None and n > opts.max_length:
-            st.filtered_long += 1
-            continue
-        writer_for(domain).add(tokens, mask)
-        st.documents += 1
-        st.tokens += n
-        st.lengths.append(n)
+        lengths = spans[:, 1] - spans[:, 0]
+        short, long_ = lengths < opts.min_length, lengths > max_length
+        keep = ~(short | long_)
+        st.filtered_short += int(short.sum())
+        st.filtered_long += int(long_.sum())
+        if keep.any():
+            writer_for(domain).add_documents(ids, spans[keep], mask)
+            st.documents += int(keep.sum())
+            st.tokens += int(lengths[keep].sum())
+            st.lengths.extend(lengths[keep].tolist())
     return stats
 
 

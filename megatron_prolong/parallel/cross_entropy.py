@@ -29,9 +29,18 @@ def _tp_info(group):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
+def _upcast(x):
+    """Logits math in at least fp32 (fp64 stays fp64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunk_stats(h, weight, target, vocab_start, vocab_end, group, world):
     """fp32 logits of one chunk, its global log-sum-exp and target logit."""
-    logits = (h @ weight.t()).float()
+    logits = _upcast(h @ weight.t())
     lmax = logits.max(dim=-1).values
     if world > 1:
         dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
@@ -55,8 +64,9 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         v_local = weight.shape[0]
         vocab_start, vocab_end = rank * v_local, (rank + 1) * v_local
         n = hidden.shape[0]
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = _acc_dtype(hidden.dtype)
+        losses = torch.empty(n, dtype=acc, device=hidden.device)
+        lses = torch.empty(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk_tokens):
             e = min(n, s + chunk_tokens)
             _, lse, pred, _, _ = _chunk_stats(hidden[s:e], weight, target[s:e], vocab_start, vocab_end,
@@ -74,13 +84,14 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         vocab_start, vocab_end = ctx.vocab_range
         n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        acc = lses.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        grad_losses = grad_losses.float()
+        grad_losses = grad_losses.to(acc)
         for s in range(0, n, ctx.chunk_tokens):
             e = min(n, s + ctx.chunk_tokens)
             h = hidden[s:e]
-            logits = (h @ weight.t()).float()
+            logits = _upcast(h @ weight.t())
             probs = torch.exp(logits - lses[s:e, None])
             t = target[s:e]
             in_shard = (t >= vocab_start) & (t < vocab_end)
@@ -91,7 +102,7 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[s:e] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += g.t() @ h.float()
+                grad_weight += g.t() @ h.to(acc)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None

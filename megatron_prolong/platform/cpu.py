@@ -54,10 +54,43 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, int, torch.device)):
             args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+        if func in (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad):
+            return _run_backward_with_mode(self, func, args, kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
+
+
+def _run_backward_with_mode(mode, func, args, kwargs):
+    """Run a backward call with the mode active inside it.
+
+    A mode is popped while its handler runs, so ``loss.backward()`` / ``torch.autograd.backward``
+    called through the handler would run every autograd ``backward`` (e.g. megatron's
+    sequence-parallel ``LinearWithGradAccumulationAndAsyncCommunication``, which allocates with
+    ``device=torch.cuda.current_device()``) without the CUDA->CPU rewrite. Re-push the mode and
+    call torch.autograd's entry points with their torch-function check skipped (else they would
+    dispatch straight back here).
+    """
+    import torch.autograd as autograd
+
+    if func is torch.Tensor.backward:
+        names = ("gradient", "retain_graph", "create_graph", "inputs")
+        call = dict(zip(names, args[1:]), **kwargs)
+        tensor = args[0]
+        func = lambda: autograd.backward(  # noqa: E731
+            tensor, call.get("gradient"), call.get("retain_graph"), call.get("create_graph", False),
+            inputs=call.get("inputs"))
+    else:
+        target = autograd.backward if func is torch.autograd.backward else autograd.grad
+        func = lambda: target(*args, **kwargs)  # noqa: E731
+    orig = autograd.has_torch_function
+    autograd.has_torch_function = lambda *a, **k: False
+    try:
+        with mode:
+            return func()
+    finally:
+        autograd.has_torch_function = orig
 
 
 class CpuRNGStatesTracker:

@@ -110,7 +110,7 @@ def _unwrap(module):
     return getattr(module, "module", module)
 
 
-def _sharded_state(model, optimizer, scheduler, *, is_loading: bool) -> dict:
+def _sharded_state(model, optimizer, scheduler, *, is_loading: bool, with_rng: bool = True) -> dict:
     model_sd = _unwrap(model[0]).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
@@ -118,7 +118,8 @@ def _sharded_state(model, optimizer, scheduler, *, is_loading: bool) -> dict:
             _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=_OPTIM_METADATA)
-        state["rng_state"] = _rng_state()
+        if with_rng:
+            state["rng_state"] = _rng_state()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     return state
@@ -160,12 +161,7 @@ def save_checkpoint(
             "iteration": iteration,
             "model_spec": dataclasses.asdict(model_spec),
             "has_optimizer": optimizer is not None,
-            "parallel": {
-                "tensor": parallel_state.get_tensor_model_parallel_world_size(),
-                "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
-                "context": parallel_state.get_context_parallel_world_size(),
-                "data": parallel_state.get_data_parallel_world_size(),
-            },
+            "parallel": {**_model_parallel_layout(), "data": parallel_state.get_data_parallel_world_size()},
             "train_state": train_state or {},
         }
         (partial / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -197,14 +193,27 @@ def load_checkpoint(
     ckpt = iteration_dir(load_dir, meta["iteration"])
     if optimizer is not None and not meta["has_optimizer"]:
         raise CheckpointError(f"{ckpt} is model-only (no optimizer state): use it as checkpoint.init_from")
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, is_loading=True), str(ckpt))
+    # RNG states are per (PP, TP, CP) rank: they only carry over to the same layout. They drive
+    # dropout alone, so a resharded resume continues with freshly seeded generators.
+    same_layout = all(meta["parallel"][k] == v for k, v in _model_parallel_layout().items())
+    state = dist_checkpointing.load(
+        _sharded_state(model, optimizer, scheduler, is_loading=True, with_rng=same_layout), str(ckpt))
     _unwrap(model[0]).load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng_state"])
+        if same_layout:
+            _set_rng_state(state["rng_state"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return meta.get("train_state", {})
+
+
+def _model_parallel_layout() -> dict:
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "context": parallel_state.get_context_parallel_world_size(),
+    }
 
 
 def _write_atomic(path: Path, text: str) -> None:

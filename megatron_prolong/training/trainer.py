@@ -113,7 +113,8 @@ def train(cfg: Config) -> TrainResult:
             result.losses[result.iteration] = out.loss
             log.step(result.iteration, out.loss, out.lr, out.grad_norm, gbs * t.seq_length, out.skipped)
 
-            stop = cfg.checkpoint.exit_on_signal and preempt.any_rank_received(device)
+            signalled = cfg.checkpoint.exit_on_signal and preempt.any_rank_received(device)
+            stop = signalled or result.iteration == t.exit_at_step
             periodic = cfg.checkpoint.save_interval and result.iteration % cfg.checkpoint.save_interval == 0
             last = result.iteration == t.steps and cfg.checkpoint.save_at_end
             if save_dir and (stop or periodic or last):
@@ -125,7 +126,8 @@ def train(cfg: Config) -> TrainResult:
                 log.info(f"saved checkpoint {path}")
                 log.skip_pause()
             if stop:
-                log.info(f"pre-emption signal: stopped after step {result.iteration}")
+                why = "pre-emption signal" if signalled else "train.exit_at_step"
+                log.info(f"{why}: stopped after step {result.iteration}; relaunch to resume")
                 result.interrupted = True
                 break
     log.close()

@@ -1,0 +1,219 @@
+"""Per-GPU memory model for long-context Llama-3 training, and a layout search.
+
+Formulas (documented with their derivation in docs/long_context.md; all per GPU, bytes):
+
+- parameters on the heaviest pipeline stage: ``P = ceil(L/pp) * P_layer / tp + V*h/tp * (1 or 2
+  stages holding embedding/output) + norms``
+- weights ``w_bytes * P`` (bf16: 2); main grads ``g_bytes * P`` (megatron DDP fp32 buffers: 4);
+  distributed optimizer ``12 * P / (dp * cp)`` (fp32 master + Adam m + v, sharded over DP x CP)
+- activations per token per layer (``T = micro_batch * S / cp`` local tokens), in elements, counted
+  from what megatron's local layer + PortableCoreAttention actually save for backward (measured
+  with ``saved_tensors_hooks``, see tests/attention/test_memory_plan.py):
+
+    norm part   ``6h + 2``                  (two RMSNorms: input, normalised, rstd; the linear inputs)
+                                             divided by tp only with sequence parallelism
+    TP part     ``5h + 3*kv + 4*f + heads``  (q, k, v(+qkv out), attention out, lse, proj input,
+                                             fc1 out, SwiGLU, fc2 input), divided by tp
+    gathered KV ``2*kv*cp / tp`` per local token when cp > 1 (K, V of the whole sequence)
+    SDPA mask   ``S_global`` (float mask, sdpa backend only; 0 for flex_attention / TE)
+
+  ``selective`` (core_attn) recompute drops attention out + lse + mask; ``full`` recompute keeps
+  only each layer's input (``h``, /tp with SP) plus one layer's activations while recomputing.
+- 1F1B pipeline: the first stage keeps ``min(pp, num_microbatches)`` micro-batches in flight, i.e.
+  about ``L`` layers' worth of activations whatever ``pp`` is.
+- logits: unchunked ``T * V/tp * (a_bytes + 4 + 4)`` (output-layer logits, fp32 copy, exp kept for
+  backward); chunked ``N * V/tp * 8`` + ``8 T`` (one chunk's fp32 logits and softmax; lse + loss).
+- fixed overhead (CUDA context, NCCL buffers, allocator fragmentation): ``overhead_gib``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+GiB = 1024 ** 3
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+@dataclass
+class MemoryOptions:
+    seq_length: int = 524288
+    micro_batch_size: int = 1
+    num_microbatches: int = 16
+    sequence_parallel: bool = True
+    recompute: str = "full"  # none | selective | full
+    loss_chunk_tokens: int = 2048  # 0 = unchunked
+    attention_backend: str = "flex"  # flex | te | sdpa (sdpa materialises a float mask per layer)
+    act_bytes: int = 2  # bf16 activations
+    weight_bytes: int = 2
+    grad_bytes: int = 4  # fp32 main grads
+    optimizer_bytes: int = 12  # fp32 master + Adam m, v
+    distributed_optimizer: bool = True
+    overhead_gib: float = 3.0
+
+
+@dataclass
+class MemoryEstimate:
+    layout: Layout
+    params: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    gathered_kv: float
+    logits: float
+    overhead: float
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.grads + self.optimizer + self.activations + self.logits
+                + self.overhead)
+
+    def as_gib(self) -> dict:
+        d = {k: getattr(self, k) / GiB for k in ("weights", "grads", "optimizer", "activations",
+                                                  "gathered_kv", "logits", "overhead")}
+        d["total"] = self.total / GiB
+        return d
+
+
+def layer_params(spec) -> int:
+    h, f, kv = spec.hidden_size, spec.ffn_hidden_size, spec.num_query_groups * spec.head_dim
+    return h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+
+
+def stage_params(spec, layout: Layout) -> int:
+    """Parameters on the heaviest pipeline stage of one TP rank."""
+    h, V = spec.hidden_size, spec.vocab_size
+    layers = math.ceil(spec.num_layers / layout.pp)
+    emb = V * h // layout.tp
+    n_emb = 2 if layout.pp == 1 else 1
+    return layers * layer_params(spec) // layout.tp + n_emb * emb + h
+
+
+def activation_elems_per_token_layer(spec, layout: Layout, opt: MemoryOptions, seq_keys: int) -> dict:
+    """Elements saved for backward per local token and layer (see module doc)."""
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    kv = spec.num_query_groups * spec.head_dim
+    heads = spec.num_attention_heads
+    tp, cp = layout.tp, layout.cp
+    sp = opt.sequence_parallel and tp > 1
+    norm = (6 * h + 2) / (tp if sp else 1)
+    tp_part = (5 * h + 3 * kv + 4 * f + heads) / tp
+    gathered = (2 * kv * cp / tp) if cp > 1 else 0.0
+    mask = float(seq_keys) if opt.attention_backend == "sdpa" else 0.0
+    attn_only = h / tp + heads / tp + mask  # what selective (core_attn) recompute does not keep
+    return {"norm": norm, "tp": tp_part, "gathered_kv": gathered, "mask": mask, "attn_only": attn_only,
+            "input": h / (tp if sp else 1)}
+
+
+def estimate(spec, layout: Layout, opt: MemoryOptions) -> MemoryEstimate:
+    if opt.seq_length % (2 * layout.cp):
+        raise ValueError(f"seq_length {opt.seq_length} not divisible by 2 x cp = {2 * layout.cp}")
+    P = stage_params(spec, layout)
+    weights = opt.weight_bytes * P
+    grads = opt.grad_bytes * P
+    shard = layout.dp * layout.cp if opt.distributed_optimizer else 1
+    optimizer = opt.optimizer_bytes * P / shard
+
+    T = opt.micro_batch_size * opt.seq_length // layout.cp  # local tokens per micro-batch
+    e = activation_elems_per_token_layer(spec, layout, opt, opt.seq_length)
+    a = opt.act_bytes
+    full_layer_elems = e["norm"] + e["tp"] + e["gathered_kv"]
+    full_layer = T * (a * full_layer_elems + 4 * e["mask"])  # float mask is fp32
+    gathered_layer = T * a * e["gathered_kv"]
+    layers_per_stage = math.ceil(spec.num_layers / layout.pp)
+    in_flight = min(layout.pp, opt.num_microbatches)
+    if opt.recompute == "none":
+        per_mb = layers_per_stage * full_layer
+        kv_resident = layers_per_stage * gathered_layer
+        transient = 0.0
+    elif opt.recompute == "selective":
+        sel = full_layer - T * (a * (e["attn_only"] - e["mask"]) + 4 * e["mask"])
+        per_mb = layers_per_stage * sel
+        kv_resident = layers_per_stage * gathered_layer
+        transient = T * (a * (e["attn_only"] - e["mask"]) + 4 * e["mask"])
+    elif opt.recompute == "full":
+        per_mb = layers_per_stage * T * a * e["input"]
+        kv_resident = 0.0
+        transient = full_layer  # one layer recomputed at a time in backward
+    else:
+        raise ValueError(f"recompute must be none, selective or full, not {opt.recompute!r}")
+    activations = in_flight * per_mb + transient
+    # final norm + output-layer input on the last stage
+    activations += T * a * (3 * spec.hidden_size / (layout.tp if opt.sequence_parallel and layout.tp > 1 else 1))
+    Vt = spec.vocab_size / layout.tp
+    if opt.loss_chunk_tokens and opt.loss_chunk_tokens > 0:
+        logits = min(opt.loss_chunk_tokens, T) * Vt * 8 + 8 * T
+    else:
+        logits = T * Vt * (a + 4 + 4)
+    return MemoryEstimate(layout, P, weights, grads, optimizer, activations, kv_resident, logits,
+                          opt.overhead_gib * GiB,
+                          detail={"local_tokens": T, "elems_per_token_layer": e,
+                                  "full_layer_bytes": full_layer, "in_flight_microbatches": in_flight})
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search_layouts(spec, num_gpus: int, gpu_memory_gib: float, opt: MemoryOptions,
+                   max_tp: int = 8, gpus_per_node: int = 8) -> list[tuple[MemoryEstimate, bool]]:
+    """All valid TP x PP x CP x DP layouts of ``num_gpus``, best first: those that fit, ranked by
+    (pipeline size, TP x CP size, TP) ascending - fewer bubbles and less communication; TP stays
+    inside a node."""
+    out = []
+    for tp, pp in itertools.product(_divisors(num_gpus), _divisors(num_gpus)):
+        if tp > min(max_tp, gpus_per_node) or spec.num_query_groups % tp or spec.num_attention_heads % tp:
+            continue
+        if spec.num_layers % pp or num_gpus % (tp * pp):
+            continue
+        for cp in _divisors(num_gpus // (tp * pp)):
+            dp = num_gpus // (tp * pp * cp)
+            if opt.seq_length % (2 * cp):
+                continue
+            if opt.sequence_parallel and tp > 1 and (opt.seq_length // cp) % tp:
+                continue
+            est = estimate(spec, Layout(tp, pp, cp, dp), opt)
+            out.append((est, est.total <= gpu_memory_gib * GiB))
+    out.sort(key=lambda x: (not x[1], x[0].layout.pp, x[0].layout.tp * x[0].layout.cp, x[0].layout.tp,
+                            x[0].total))
+    return out
+
+
+def measure_saved_activation_bytes(model, forward) -> int:
+    """Bytes of distinct tensor storages autograd saves for backward during ``forward()``
+    (parameters excluded): the activation memory of a forward/backward, measured exactly."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
+
+
+def asdict_estimate(est: MemoryEstimate) -> dict:
+    return {"layout": asdict(est.layout), "params": est.params, "gib": est.as_gib()}
