@@ -25,14 +25,21 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    from megatron_prolong.data.indexed import DataError
     from megatron_prolong.parallel import destroy
+    from megatron_prolong.platform import quiet_known_warnings
+    from megatron_prolong.training.checkpoint import CheckpointError
     from megatron_prolong.training.trainer import train
 
+    quiet_known_warnings()
     try:
         train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy()
     return 0

@@ -69,3 +69,14 @@ def seed_model_parallel_rng(seed: int) -> None:
         from . import cpu
 
         cpu.seed_rng_tracker(seed)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the warnings megatron-core and torch print on every rank about things this project
+    handles on purpose (absent apex/TE, deprecated internals used by dist_checkpointing)."""
+    import warnings
+
+    for message in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r"Please use DTensor instead", r"`load_state_dict` is deprecated",
+                    r"full scope is deprecated", r"torch.distributed.*_coalescing_manager"):
+        warnings.filterwarnings("ignore", message=message)

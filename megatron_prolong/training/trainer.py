@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -59,8 +60,8 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
 
 def train(cfg: Config) -> TrainResult:
     p, t = cfg.parallel, cfg.train
+    cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
     parallel.initialize(p.tensor, p.pipeline, p.context, device=t.device, seed=t.seed)
-    cfg.check_world(dist.get_world_size())
     device = current_device()
     spec = resolve_model_spec(cfg)
     dp_size = parallel_state.get_data_parallel_world_size()

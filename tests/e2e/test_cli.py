@@ -1,0 +1,52 @@
+"""``pretrain_prolong.py`` as users run it: torchrun, 2 processes, progress lines, clear failures."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args, nproc=1, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "pretrain_prolong.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.distributed
+def test_two_process_run_prints_progress_and_checkpoints(tmp_path):
+    out = _run(["--config", "examples/tiny_cpu.yaml", "train.steps=4", "train.seq_length=64",
+                f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=2",
+                f"logging.tensorboard_dir={tmp_path / 'tb'}"], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
+    assert len(lines) == 4
+    pattern = (r"step +\d+/4 \| loss \d+\.\d+ \| lr [\d.e+-]+ \| grad norm \d+\.\d+ \| tokens/s [\d,]+ \| "
+               r"elapsed \d+:\d\d:\d\d \| remaining \d+:\d\d:\d\d")
+    assert all(re.match(pattern, l) for l in lines), lines
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (tmp_path / "iter_0000002").is_dir() and (tmp_path / "iter_0000004").is_dir()
+    assert any((tmp_path / "tb").iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "examples/nope.yaml"], "does not exist"),
+    (["--config", "examples/tiny_cpu.yaml", "parallel.tensr=2"], "did you mean parallel.'tensor'"),
+    (["--config", "examples/tiny_cpu.yaml", "parallel.tensor=2"], "not divisible by TP x PP x CP"),
+    (["--config", "examples/tiny_cpu.yaml", "data.mock=false", "data.blend={/no/such/prefix: 1.0}",
+      "checkpoint.save_dir=null", "checkpoint.save_interval=0"], "/no/such/prefix"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(args, message):
+    out = _run(args, timeout=300)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+    assert "step " not in out.stdout
