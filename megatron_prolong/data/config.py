@@ -40,6 +40,10 @@ class DataConfig:
     """Order each global batch by attention cost (sum of squared document lengths, ProLong's
     length-sorted batching); the trainer applies ``order_global_batch`` when this is set."""
 
+    shuffle_samples: bool = True
+    """Serve each dataset's samples in a seeded random order within every epoch (consecutive
+    windows of a long document would otherwise land in the same global batch)."""
+
     pad_token_id: int = 0
     """Token id written into SFT padding (its loss is masked, so any valid id works)."""
 

@@ -43,11 +43,13 @@ class PackedDataset:
         sft: SFT packing (no carry-over, padding) and a required loss-mask dataset.
         vocab_size: if given, samples with token ids >= vocab_size raise DataError.
         stream_id: distinguishes datasets of one blend in the seed.
+        shuffle_samples: serve the samples of each epoch in a seeded random order (as Megatron's
+            GPTDataset does), so the windows of one long document do not fill one global batch.
     """
 
     def __init__(self, prefix: str, seq_length: int, num_samples: int, seed: int = 0,
                  sft: bool = False, pad_token_id: int = 0, vocab_size: int | None = None,
-                 stream_id: int = 0):
+                 stream_id: int = 0, shuffle_samples: bool = False):
         if seq_length < 1 or num_samples < 0:
             raise ValueError(f"seq_length must be >= 1 and num_samples >= 0, got {seq_length}, {num_samples}")
         self.prefix = str(prefix)
@@ -75,6 +77,7 @@ class PackedDataset:
         else:
             self._build_pretrain(lengths, window, rng)
         self._warned_epochs: set[int] = set()
+        self.sample_order = self._sample_order(rng) if shuffle_samples else None
         if self.epochs > 1:
             msg = (f"dataset {self.prefix} ({self.n_docs} documents, {self.epoch_tokens:,} tokens) "
                    f"is too small for {num_samples} samples of {seq_length} tokens: it is repeated "
@@ -126,6 +129,13 @@ class PackedDataset:
         self.sample_end = np.asarray(ends[:self.num_samples], dtype=np.int64)
         self._epoch_marks(self.sample_end - 1)
 
+    def _sample_order(self, rng: np.random.Generator) -> np.ndarray:
+        """A permutation of the samples within each epoch's range (epochs stay in order, so the
+        exhausted-dataset warning still fires when the next epoch starts being served)."""
+        bounds = list(self.epoch_first_sample) + [self.num_samples]
+        return np.concatenate([lo + rng.permutation(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+                              ).astype(np.int64)
+
     def _epoch_marks(self, last_entry: np.ndarray) -> None:
         """``epoch_first_sample[e]``: first sample that reaches into epoch e (for warnings)."""
         epoch_of_sample = last_entry // self.n_docs if len(last_entry) else np.zeros(0, np.int64)
@@ -168,13 +178,14 @@ class PackedDataset:
         return cuts.astype(np.int32)
 
     def _check(self, i: int) -> int:
+        """Served index -> packed sample index."""
         i = int(i)
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples}) of {self.prefix}")
-        return i
+        return i if self.sample_order is None else int(self.sample_order[i])
 
-    def __getitem__(self, i: int) -> dict:
-        i = self._check(i)
+    def __getitem__(self, served: int) -> dict:
+        i = self._check(served)
         pieces, starts, valid = self._layout(i)
         window = self.seq_length + 1
         stream = np.full(window, self.pad_token_id, dtype=np.int64)
@@ -188,7 +199,7 @@ class PackedDataset:
         else:
             label_ok[:valid] = 1.0
         label_ok[starts] = 0.0  # a document's first token is not predicted from the previous one
-        self._maybe_warn_epoch(i)
+        self._maybe_warn_epoch(int(served))
         return {
             "tokens": stream[:-1],
             "labels": stream[1:],
@@ -295,7 +306,8 @@ def build_train_dataset(cfg, seq_length: int, seed: int, vocab_size: int, num_sa
     counts = np.bincount(dataset_index, minlength=len(entries)) if num_samples else np.zeros(len(entries), int)
     datasets = [
         PackedDataset(e["prefix"], seq_length, int(counts[k]), seed=seed, sft=cfg.sft,
-                      pad_token_id=cfg.pad_token_id, vocab_size=vocab_size, stream_id=k)
+                      pad_token_id=cfg.pad_token_id, vocab_size=vocab_size, stream_id=k,
+                      shuffle_samples=cfg.shuffle_samples)
         for k, e in enumerate(entries)
     ]
     if len(datasets) == 1:

@@ -173,7 +173,7 @@ def test_missing_prefix_fails_fast(tmp_path, three_domains):
 
 def test_vocab_check_on_serve(tmp_path):
     prefix = write_indexed(tmp_path / "v", [np.arange(20)])
-    ds = build_train_dataset(DataConfig(blend=[prefix]), 8, 0, vocab_size=10, num_samples=2)
+    ds = build_train_dataset(DataConfig(blend=[prefix], shuffle_samples=False), 8, 0, vocab_size=10, num_samples=2)
     with pytest.raises(Exception, match="outside the vocabulary"):
         ds[1]
 
@@ -218,3 +218,17 @@ def test_recipe_mixtures_sum_to_one():
         assert abs(sum(mix.values()) - 1.0) < 1e-9, name
     assert MIXTURES["prolong-64k"]["book-65536"] == 0.30
     assert MIXTURES["prolong-512k"]["book-524288"] == 0.05
+
+
+def test_sample_shuffle_is_a_seeded_permutation_within_epochs(tmp_path):
+    prefix = write_indexed(tmp_path / "s", [np.arange(1, 400) % 97 + 1])
+    plain = build_train_dataset(DataConfig(blend=[prefix], shuffle_samples=False), 16, 3, 128, 40)
+    shuffled = build_train_dataset(DataConfig(blend=[prefix]), 16, 3, 128, 40)
+    again = build_train_dataset(DataConfig(blend=[prefix]), 16, 3, 128, 40)
+    served = [tuple(shuffled[i]["tokens"]) for i in range(40)]
+    assert served == [tuple(again[i]["tokens"]) for i in range(40)]  # deterministic by seed
+    windows = [tuple(plain[i]["tokens"]) for i in range(40)]
+    assert served != windows
+    # One epoch holds 398 // 16 = 24 whole windows: those are served first, in a new order.
+    first_epoch = int(shuffled.epoch_first_sample[1])
+    assert sorted(served[:first_epoch]) == sorted(windows[:first_epoch])
