@@ -4,7 +4,7 @@ PYTHON ?= python3
 NPROC ?= 2
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::UserWarning
 
-.PHONY: install install-test demo test test-fast clean
+.PHONY: install install-test demo test test-fast bench clean
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install_deps.sh demo
@@ -28,6 +28,12 @@ test: install-test
 # Unit tests only (seconds): no multi-process runs.
 test-fast: install-test
 	$(PYTHON) -m pytest -q tests/unit tests/data
+
+# Figures, not pass/fail: conversion and loader throughput, attention TFLOP/s, conversion memory.
+bench: install-test
+	$(PYTHON) tools/bench_data.py
+	$(PYTHON) benchmarks/bench_attention.py
+	$(PYTHON) benchmarks/bench_convert.py
 
 clean:
 	rm -rf demo runs .pytest_cache

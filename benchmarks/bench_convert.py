@@ -48,11 +48,10 @@ def write_random_hf_model(spec, out: Path, shard_bytes: int = 1_000_000_000) -> 
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         writer = SafetensorsShardWriter(out / name, shard)
         for tensor_name, shape, dtype in shard:
-            t = torch.empty(shape, dtype=dtype)
             if tensor_name.endswith("norm.weight"):
-                t.uniform_(0.5, 1.5, generator=gen)
+                t = torch.rand(shape, generator=gen).add_(0.5).to(dtype)
             else:
-                t.normal_(0.0, 0.02, generator=gen)
+                t = torch.randn(shape, generator=gen).mul_(0.02).to(dtype)
             writer.write(tensor_name, t)
             weight_map[tensor_name] = name
             total += t.numel() * t.element_size()
@@ -65,11 +64,21 @@ def write_random_hf_model(spec, out: Path, shard_bytes: int = 1_000_000_000) -> 
     return total
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` across
+    fork/exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
+
+
 def child(direction: str, src: str, dst: str) -> None:
     """Run one conversion in this (fresh) process; print a JSON line with its measurements."""
     from megatron_prolong.convert import hf_to_megatron, megatron_to_hf
+    from megatron_prolong.training import checkpoint  # noqa: F401  (imports count as baseline)
 
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # imports (torch, megatron)
+    baseline = peak_rss_bytes()  # interpreter + torch + megatron-core imports
     start = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if direction == "hf-to-megatron":
@@ -77,9 +86,8 @@ def child(direction: str, src: str, dst: str) -> None:
     else:
         megatron_to_hf(Path(src), Path(dst), log=log)
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"direction": direction, "seconds": seconds, "peak_rss": peak_kb * 1024,
-                      "baseline_rss": baseline_kb * 1024}))
+    print(json.dumps({"direction": direction, "seconds": seconds, "peak_rss": peak_rss_bytes(),
+                      "baseline_rss": baseline}))
 
 
 def run_child(direction: str, src: Path, dst: Path) -> dict:

@@ -75,8 +75,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout activations (needs tensor > 1)."""
     cp_comm_type: str = "all_gather"
-    """TE context-parallel communication: p2p, all_gather, a2a or a2a+p2p. The portable
-    attention always all-gathers K/V."""
+    """Context-parallel communication. Portable attention: all_gather (K/V all-gathered, dK/dV
+    reduce-scattered). TE: p2p, all_gather, a2a or a2a+p2p."""
+    hierarchical_cp_sizes: Optional[list] = None
+    """TE a2a+p2p only: CP sizes per level whose product is ``context``, e.g. [8, 2] for a2a
+    inside a node and p2p across 2 nodes."""
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False

@@ -91,8 +91,7 @@ class MemoryEstimate:
 
 
 def layer_params(spec) -> int:
-    h, f, kv = spec.hidden_size, spec.ffn_hidden_size, spec.num_query_groups * spec.head_dim
-    return h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+    return spec.params_per_layer()
 
 
 def stage_params(spec, layout: Layout) -> int:

@@ -184,6 +184,7 @@ def document_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     cache: bool = True,
+    mask_key: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Masked attention on ``[b, h, s, d]`` tensors (K/V may have fewer, GQA, heads).
 
@@ -193,7 +194,9 @@ def document_attention(
     if backend not in _BACKENDS:
         raise ValueError(f"attention backend must be one of {_BACKENDS}, got {backend!r}")
     gqa = q.shape[1] != k.shape[1]
-    key = (q_pos.numel(), k_pos.numel(), int(q_pos[0]), q.shape[0], str(q.device))
+    if mask_key is None:  # identifies the (q_pos, k_pos) layout; the module passes (S, cp, rank)
+        mask_key = (int(q_pos[0]),)
+    key = (q_pos.numel(), k_pos.numel(), q.shape[0], str(q.device)) + tuple(mask_key)
     use_flex = (backend == "flex" or (backend == "auto" and q.is_cuda)) and not _FLEX_STATE["failed"] \
         and dropout_p == 0.0
     if use_flex:
@@ -322,6 +325,7 @@ class PortableCoreAttention(MegatronModule):
         out = document_attention(
             q, k, v, doc, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
+            mask_key=(seq_length, self.cp_size, self.cp_rank),
         )
         # [b, h, s, d] -> [s, b, h*d]
         b, h, s, d = out.shape

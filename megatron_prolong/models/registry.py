@@ -37,10 +37,14 @@ class ModelSpec:
             raise ValueError(f"unknown model fields {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **overrides)
 
-    def num_parameters(self) -> int:
+    def params_per_layer(self) -> int:
+        """QKV, output projection, SwiGLU MLP and the two norms of one decoder layer."""
         h, f, kv = self.hidden_size, self.ffn_hidden_size, self.num_query_groups * self.head_dim
-        per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
-        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+        return h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+
+    def num_parameters(self) -> int:
+        """Whole model: layers, untied input and output embeddings, final norm."""
+        return self.num_layers * self.params_per_layer() + 2 * self.vocab_size * self.hidden_size + self.hidden_size
 
 
 _LLAMA3_8B = ModelSpec("llama3-8b", 32, 4096, 14336, 32, 8)

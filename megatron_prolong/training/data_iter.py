@@ -28,7 +28,9 @@ def rank_micro_batch_indices(start: int, global_batch: int, micro_batch: int, dp
 
 
 def micro_batches(dataset, index_groups: list[list[int]], *, device: torch.device, cp_size: int,
-                  cp_rank: int, use_te: bool) -> Iterator[dict]:
+                  cp_rank: int, use_te: bool, tp_size: int = 1, sequence_parallel: bool = False
+                  ) -> Iterator[dict]:
     for group in index_groups:
         batch = {k: v.to(device, non_blocking=True) for k, v in collate([dataset[i] for i in group]).items()}
-        yield prepare_batch(batch, cp_size=cp_size, cp_rank=cp_rank, use_te=use_te)
+        yield prepare_batch(batch, cp_size=cp_size, cp_rank=cp_rank, use_te=use_te, tp_size=tp_size,
+                            sequence_parallel=sequence_parallel)

@@ -10,7 +10,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..models import build_gpt_model, build_transformer_config, te_available
 from ..models.registry import ModelSpec
 
@@ -35,7 +35,11 @@ def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     elif t.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    te_cp = dict(cp_comm_type=p.cp_comm_type) if use_te(cfg) and p.context > 1 else {}
+    te_cp = {}
+    if use_te(cfg) and p.context > 1:
+        te_cp = dict(cp_comm_type=p.cp_comm_type)
+        if p.hierarchical_cp_sizes:
+            te_cp["hierarchical_context_parallel_sizes"] = list(p.hierarchical_cp_sizes)
     return build_transformer_config(
         spec,
         tensor_model_parallel_size=p.tensor,
@@ -48,6 +52,19 @@ def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
         **recompute,
         **te_cp,
     )
+
+
+def check_context_parallel(cfg: Config, spec: ModelSpec) -> None:
+    """CP settings that depend on whether TE runs (known only here), checked before building."""
+    from ..parallel.context_parallel import validate_cp_config
+
+    p = cfg.parallel
+    try:
+        validate_cp_config(cp_size=p.context, seq_length=cfg.train.seq_length, use_te=use_te(cfg),
+                           cp_comm_type=p.cp_comm_type, hierarchical_cp_sizes=p.hierarchical_cp_sizes,
+                           num_layers=spec.num_layers, tp_size=p.tensor, sequence_parallel=p.sequence_parallel)
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
 
 
 def build_model(cfg: Config, spec: ModelSpec) -> list[DistributedDataParallel]:

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..parallel.cross_entropy import masked_loss_sum
+
 
 @dataclass
 class StepResult:
@@ -26,11 +28,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """(sum of masked token losses, loss-token count, logging pair). The schedule sums these over
     micro-batches and ``finalize_model_grads`` divides gradients by the tokens of the whole global
     batch across DP x CP: the loss is token-averaged, not an average of per-rank means."""
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+    loss_sum, num_tokens = masked_loss_sum(output_tensor, loss_mask)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
 def forward_step(data_iterator: Iterator[dict], model):

@@ -17,7 +17,7 @@ from ..platform import current_device
 from . import checkpoint as ckpt
 from .data_iter import micro_batches, rank_micro_batch_indices
 from .progress import ProgressLogger
-from .setup import build_model, build_optimizer, build_scheduler, use_te
+from .setup import build_model, build_optimizer, build_scheduler, check_context_parallel, use_te
 from .signals import PreemptionSignal
 from .step import train_step
 
@@ -58,18 +58,27 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
     return stored.replace(**overrides)
 
 
+def _with_trained_context(spec: ModelSpec, seq_length: int) -> ModelSpec:
+    """The spec saved with checkpoints records the longest context trained on (a 512K model's
+    exported config then says 524288, not Llama-3's 8192). RoPE itself does not depend on it."""
+    if seq_length > spec.max_position_embeddings:
+        return spec.replace(max_position_embeddings=seq_length)
+    return spec
+
+
 def train(cfg: Config) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
     parallel.initialize(p.tensor, p.pipeline, p.context, device=t.device, seed=t.seed)
     device = current_device()
-    spec = resolve_model_spec(cfg)
+    spec = _with_trained_context(resolve_model_spec(cfg), t.seq_length)
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     logging_rank = (parallel_state.is_pipeline_last_stage() and dp_rank == 0
                     and parallel_state.get_tensor_model_parallel_rank() == 0
                     and parallel_state.get_context_parallel_rank() == 0)
 
+    check_context_parallel(cfg, spec)
     model = build_model(cfg, spec)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -105,7 +114,8 @@ def train(cfg: Config) -> TrainResult:
             out = train_step(
                 model, optimizer, scheduler,
                 micro_batches(dataset, groups, device=device, cp_size=p.context,
-                              cp_rank=parallel_state.get_context_parallel_rank(), use_te=te),
+                              cp_rank=parallel_state.get_context_parallel_rank(), use_te=te,
+                              tp_size=p.tensor, sequence_parallel=p.sequence_parallel),
                 num_microbatches=len(groups), seq_length=t.seq_length // p.context,
                 micro_batch_size=mbs, global_batch_size=gbs,
             )

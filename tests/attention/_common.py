@@ -62,19 +62,7 @@ def build(tp=1, pp=1, cp=1, seed=1234, sequence_parallel=False, spec_overrides=N
                                    context_parallel_size=cp, sequence_parallel=sequence_parallel,
                                    **cfg_overrides)
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    if sequence_parallel:
-        # megatron's WrappedTorchNorm refuses SP: use the portable block spec (SP-capable norms)
-        from megatron_prolong.attention.spec import portable_block_spec
-        from megatron_prolong.models.gpt import ProLongGPTModel
-
-        model = ProLongGPTModel(
-            config=cfg, transformer_layer_spec=portable_block_spec(cfg), vocab_size=spec.vocab_size,
-            max_sequence_length=spec.max_position_embeddings, pre_process=pre, post_process=post,
-            share_embeddings_and_output_weights=False, position_embedding_type="rope",
-            rotary_base=spec.rotary_base, rope_scaling=spec.rope_scaling,
-            rope_scaling_factor=spec.rope_scaling_factor)
-    else:
-        model = build_gpt_model(spec, cfg, pre_process=pre, post_process=post, use_te=False)
+    model = build_gpt_model(spec, cfg, pre_process=pre, post_process=post, use_te=False)
     model.loss_chunk_tokens = loss_chunk_tokens
     return model, cfg, spec
 

@@ -91,6 +91,7 @@ def test_tied_embeddings_need_opt_in(tmp_path):
     assert cli.main(["hf-to-megatron", "--input", str(src), "--output", str(tmp_path / "meg")]) == 2
     assert not (tmp_path / "meg").exists()
     hf_to_megatron(src, tmp_path / "meg", untie_embeddings=True, log=_quiet)
+    (tmp_path / "out").mkdir()  # an existing empty folder is accepted (and replaced)
     megatron_to_hf(tmp_path / "meg", tmp_path / "out", log=_quiet)
     out = load_safetensors_dir(tmp_path / "out")
     assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
