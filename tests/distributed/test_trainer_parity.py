@@ -1,4 +1,4 @@
-"""TP=2, PP=2 and DP=2 train exactly like one rank; a pre-empted run resumes exactly.
+"""TP=2, PP=2, DP=2 and CP=2 train exactly like one rank; a pre-empted run resumes exactly.
 
 Every run starts from the same model-only checkpoint (written once by a single rank and
 resharded on load), trains on the same mock global batches, and is compared step by step.
@@ -89,7 +89,9 @@ def test_reference_learns(reference):
     ["parallel.pipeline=2"],
     [],  # two ranks, data parallel
     ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-], ids=["tp2", "pp2", "dp2", "tp2-sp"])
+    ["parallel.context=2"],
+    ["parallel.context=2", "model.loss_chunk_tokens=8", "train.recompute=full"],
+], ids=["tp2", "pp2", "dp2", "tp2-sp", "cp2", "cp2-chunked-ce-recompute"])
 def test_parallel_layout_matches_single_rank(layout, init_ckpt, reference):
     results = run_distributed(_train, 2, ([f"checkpoint.init_from={init_ckpt}"] + layout,))
     for result in results:  # every rank reports the same global loss
