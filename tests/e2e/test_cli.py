@@ -50,3 +50,41 @@ def test_bad_input_fails_fast_with_a_clear_message(args, message):
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
     assert "step " not in out.stdout
+
+
+@pytest.mark.distributed
+def test_slurm_style_preemption_through_torchrun(tmp_path):
+    """What examples/slurm/train.sbatch does: torchrun's agent ignores SIGUSR1, the signal goes to
+    every process of the job, the ranks save together and exit 0; the relaunch resumes."""
+    import signal
+    import time
+
+    args = ["--config", "examples/tiny_cpu.yaml", "train.steps=200", "train.seq_length=64",
+            f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=0", "checkpoint.save_at_end=false"]
+    launch = (f"trap '' USR1; exec {sys.executable} -m torch.distributed.run --nproc-per-node 2 "
+              f"--master-port {free_port()} pretrain_prolong.py " + " ".join(args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(["bash", "-c", launch], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step      3/"):
+                # The sbatch script's pattern (trainer processes, which torchrun starts in sessions
+                # of their own), narrowed to this run's command lines.
+                subprocess.run(["pkill", "-USR1", "-f", f"[-]u pretrain_prolong.py .*{tmp_path}"], check=True)
+                break
+        lines.extend(proc.stdout)
+        assert proc.wait(timeout=300) == 0, "".join(lines[-40:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines)
+    assert "pre-emption signal: stopped after step" in text
+    stopped = int((tmp_path / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < 200
+    out = _run(args + [f"train.exit_at_step={stopped + 1}"], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {tmp_path} at step {stopped}" in out.stdout
+    assert f"step {stopped + 1:>6}/200" in out.stdout
