@@ -223,8 +223,6 @@ class Config:
         _require(t.seq_length % p.tensor == 0 or not p.sequence_parallel,
                  f"train.seq_length={t.seq_length} must be a multiple of parallel.tensor={p.tensor} "
                  "with sequence parallelism")
-        _require(self.model.transformer_engine != "on" or p.context == 1 or t.seq_length % (2 * p.context) == 0,
-                 "TE context parallelism needs seq_length divisible by 2 x CP")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallel.model_parallel

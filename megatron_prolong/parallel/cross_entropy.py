@@ -17,7 +17,6 @@ reduce-scatter), exactly what ``ColumnParallelLinear`` does.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from .. import parallel
@@ -143,7 +141,3 @@ def train(cfg: Config) -> TrainResult:
                 break
     log.close()
     return result
-
-
-def describe(cfg: Config) -> str:
-    return "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items())
