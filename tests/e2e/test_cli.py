@@ -76,8 +76,8 @@ def test_slurm_style_preemption_through_torchrun(tmp_path):
         lines.extend(proc.stdout)
         assert proc.wait(timeout=300) == 0, "".join(lines[-40:])
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)  # SIGKILL: never leave a run behind
+        if proc.poll() is None:  # never leave a run behind (trainers sit in sessions of their own)
+            subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)])
     text = "".join(lines)
     assert "pre-emption signal: stopped after step" in text
     stopped = int((tmp_path / "latest_checkpointed_iteration.txt").read_text())
