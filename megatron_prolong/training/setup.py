@@ -40,6 +40,12 @@ def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
         te_cp = dict(cp_comm_type=p.cp_comm_type)
         if p.hierarchical_cp_sizes:
             te_cp["hierarchical_context_parallel_sizes"] = list(p.hierarchical_cp_sizes)
+    # With TE (GPU), megatron's usual fusions: weight-gradient accumulation straight into the fp32
+    # main-grad buffers, fused RoPE, fused cross-entropy (the chunked loss head has its own).
+    fusions = {}
+    if use_te(cfg):
+        fusions = dict(gradient_accumulation_fusion=True, apply_rope_fusion=True,
+                       cross_entropy_loss_fusion=cfg.model.loss_chunk_tokens == 0)
     return build_transformer_config(
         spec,
         tensor_model_parallel_size=p.tensor,
@@ -51,6 +57,7 @@ def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         **recompute,
         **te_cp,
+        **fusions,
     )
 
 
