@@ -64,6 +64,24 @@ def _with_trained_context(spec: ModelSpec, seq_length: int) -> ModelSpec:
     return spec
 
 
+def restore(cfg: Config, model: list, optimizer, scheduler) -> tuple[dict, str]:
+    """Resume the run in ``checkpoint.save_dir`` (everything), or start from the weights of
+    ``checkpoint.init_from``. Returns the train state and what was done, for the log."""
+    state = {"iteration": 0, "consumed_samples": 0}
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir and ckpt.latest_iteration(save_dir) is not None:
+        state.update(ckpt.load_checkpoint(save_dir, model, optimizer=optimizer, scheduler=scheduler))
+        return state, (f"resumed from {save_dir} at step {state['iteration']} "
+                       f"({state['consumed_samples']} samples consumed)")
+    if cfg.checkpoint.init_from:
+        ckpt.load_checkpoint(cfg.checkpoint.init_from, model)
+        # bf16/fp16 parameters: the optimizer took its fp32 main weights at construction; give it
+        # the loaded ones, or its first step would write the random initialisation back.
+        optimizer.reload_model_params()
+        return state, f"initialised weights from {cfg.checkpoint.init_from}"
+    return state, ""
+
+
 def train(cfg: Config) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     cfg.check_world(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
@@ -84,17 +102,12 @@ def train(cfg: Config) -> TrainResult:
     dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed,
                                   vocab_size=spec.vocab_size, num_samples=t.steps * gbs)
 
-    state = {"iteration": 0, "consumed_samples": 0}
     log = ProgressLogger(t.steps, 0, logging_rank, cfg.logging.tensorboard_dir, cfg.logging.interval)
-    save_dir = cfg.checkpoint.save_dir
-    if save_dir and ckpt.latest_iteration(save_dir) is not None:
-        state.update(ckpt.load_checkpoint(save_dir, model, optimizer=optimizer, scheduler=scheduler))
-        log.info(f"resumed from {save_dir} at step {state['iteration']} "
-                 f"({state['consumed_samples']} samples consumed)")
-    elif cfg.checkpoint.init_from:
-        ckpt.load_checkpoint(cfg.checkpoint.init_from, model)
-        log.info(f"initialised weights from {cfg.checkpoint.init_from}")
+    state, how = restore(cfg, model, optimizer, scheduler)
+    if how:
+        log.info(how)
     log.start = state["iteration"]
+    save_dir = cfg.checkpoint.save_dir
     log.info(f"model {spec.name}: {spec.num_parameters() / 1e6:.1f}M parameters, rotary base {spec.rotary_base:g} | "
              f"TP {p.tensor} PP {p.pipeline} CP {p.context} DP {dp_size} | global batch {gbs} x {t.seq_length} "
              f"tokens | {t.steps} steps | device {device.type}")
@@ -136,7 +149,8 @@ def train(cfg: Config) -> TrainResult:
                 log.skip_pause()
             if stop:
                 why = "pre-emption signal" if signalled else "train.exit_at_step"
-                log.info(f"{why}: stopped after step {result.iteration}; relaunch to resume")
+                then = "relaunch to resume" if save_dir else "no checkpoint.save_dir, so nothing was saved"
+                log.info(f"{why}: stopped after step {result.iteration}; {then}")
                 result.interrupted = True
                 break
     log.close()
