@@ -45,7 +45,10 @@ def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
     fusions = {}
     if use_te(cfg):
         fusions = dict(gradient_accumulation_fusion=True, apply_rope_fusion=True,
-                       cross_entropy_loss_fusion=cfg.model.loss_chunk_tokens == 0)
+                       cross_entropy_loss_fusion=cfg.model.loss_chunk_tokens == 0,
+                       # THD packing pads each document, so micro-batches differ in token count:
+                       # pipeline stages must exchange shapes before activations.
+                       variable_seq_lengths=p.pipeline > 1)
     return build_transformer_config(
         spec,
         tensor_model_parallel_size=p.tensor,
