@@ -18,7 +18,7 @@ from ..models.registry import ModelSpec, get_model_spec
 from .adapter import EXTRA_STATE_MODULES, IGNORED_HF_SUFFIXES, LlamaWeightAdapter
 from .dist_io import PlannedObject, PlannedTensor, write_json_atomic, write_torch_dist_checkpoint
 from .hf_config import check_against_registry, spec_from_hf_config, spec_to_dict
-from .layout import LATEST_FILE, META_FILE, check_output_dir, iteration_dir, publish, staging_dir
+from .layout import LATEST_FILE, META_FILE, check_output_dir, iteration_dir, staged_output
 from .progress import Progress
 from .safetensors_stream import TensorEntry, read_header, read_tensor
 
@@ -93,8 +93,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
         log("[hf-to-megatron] tie_word_embeddings=true: output_layer starts as a copy of the embedding "
             "(the trainer keeps them untied)")
 
-    tmp = staging_dir(out_dir)
-    try:
+    with staged_output(out_dir) as tmp:
         ckpt = iteration_dir(tmp, 0)
         dtype = entries["model.embed_tokens.weight"].dtype
         write_torch_dist_checkpoint(ckpt, tensors, objects, common_state={},
@@ -114,10 +113,6 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
         # Keep the source config: megatron-to-hf can restore token ids from it.
         shutil.copy2(hf_dir / "config.json", ckpt / "hf_config.json")
         (tmp / LATEST_FILE).write_text("0\n")
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress.done()
     return spec
 

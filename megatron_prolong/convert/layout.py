@@ -10,16 +10,18 @@ converter's own output discipline (refuse non-empty outputs, stage, then rename)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 # One definition of the layout: the trainer's.
 from ..training.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, iteration_dir, latest_iteration,
                                    read_checkpoint_meta)
 
 __all__ = ["LATEST_FILE", "META_FILE", "CheckpointError", "check_output_dir", "iteration_dir", "latest_iteration",
-           "publish", "read_checkpoint_meta", "resolve_checkpoint", "staging_dir"]
+           "read_checkpoint_meta", "resolve_checkpoint", "staged_output"]
 
 
 def resolve_checkpoint(root: Path, iteration: int | None) -> tuple[Path, int]:
@@ -46,21 +48,22 @@ def check_output_dir(out: Path) -> None:
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new path")
 
 
-def staging_dir(out: Path) -> Path:
-    """A hidden sibling folder to build the result in; it appears as ``out`` only by a final
-    rename, so a crash never leaves something that looks complete."""
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Build the result in a hidden sibling folder that becomes ``out`` by a final rename only when
+    the block succeeds, and is deleted when it fails: a crash never leaves something that looks
+    complete."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out`` (replacing ``out`` if it is an empty folder)."""
-    out = Path(out).resolve()
-    if out.exists():
-        out.rmdir()  # checked empty before starting; rmdir refuses otherwise
-    os.replace(tmp, out)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # checked empty before starting; rmdir refuses otherwise
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

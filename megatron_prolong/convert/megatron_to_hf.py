@@ -19,7 +19,7 @@ from .adapter import LlamaWeightAdapter
 from .dist_io import TensorRequest, read_tensors, single_process_group, tensors_metadata, write_json_atomic
 from .hf_config import hf_config_from_spec, spec_from_dict
 from .hf_to_megatron import INDEX_FILE, ConversionError
-from .layout import check_output_dir, publish, read_checkpoint_meta, resolve_checkpoint, staging_dir
+from .layout import check_output_dir, read_checkpoint_meta, resolve_checkpoint, staged_output
 from .progress import Progress
 from .safetensors_stream import SafetensorsShardWriter, plan_shards
 
@@ -96,8 +96,7 @@ def megatron_to_hf(meg_dir: Path, out_dir: Path, *, iteration: int | None = None
         f"in {len(shards)} shard(s)")
 
     progress = Progress("megatron-to-hf", total_bytes, log)
-    tmp = staging_dir(out_dir)
-    try:
+    with staged_output(out_dir) as tmp:
         with single_process_group():
             _write_weights(ckpt, adapter, requests, shards, shard_names, tmp, out_dtype, progress)
         weight_map = {name: shard_names[i] for i, shard in enumerate(shards) for name, _, _ in shard}
@@ -110,10 +109,6 @@ def megatron_to_hf(meg_dir: Path, out_dir: Path, *, iteration: int | None = None
             for f in TOKENIZER_FILES:
                 if (tokenizer_dir / f).exists():
                     shutil.copy2(tokenizer_dir / f, tmp / f)
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress.done()
     return spec
 
