@@ -6,6 +6,8 @@ import time
 from datetime import timedelta
 from typing import Optional
 
+import torch
+
 
 def _hms(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
@@ -13,8 +15,9 @@ def _hms(seconds: float) -> str:
 
 class ProgressLogger:
     def __init__(self, total_steps: int, start_step: int, enabled: bool,
-                 tensorboard_dir: Optional[str] = None, interval: int = 1):
+                 tensorboard_dir: Optional[str] = None, interval: int = 1, world_size: int = 1):
         self.total, self.start, self.enabled, self.interval = total_steps, start_step, enabled, interval
+        self.world_size = world_size
         self.t0 = self.t_last = time.time()
         self.tokens_since = 0
         self.writer = None
@@ -39,9 +42,13 @@ class ProgressLogger:
         done = step - self.start
         remaining = (now - self.t0) / max(done, 1) * (self.total - step)
         flag = " (skipped)" if skipped else ""
+        memory = ""
+        if torch.cuda.is_available():  # this rank's peak since the last line: what OOM hunting needs
+            memory = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            torch.cuda.reset_peak_memory_stats()
         print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-              f"tokens/s {tok_s:,.0f} | elapsed {_hms(now - self.t0)} | remaining {_hms(remaining)}{flag}",
-              flush=True)
+              f"tokens/s {tok_s:,.0f} ({tok_s / self.world_size:,.0f}/rank){memory} | "
+              f"elapsed {_hms(now - self.t0)} | remaining {_hms(remaining)}{flag}", flush=True)
         if self.writer is not None:
             self.writer.add_scalar("train/tokens_per_second", tok_s, step)
         self.t_last, self.tokens_since = now, 0

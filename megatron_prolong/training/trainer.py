@@ -102,7 +102,8 @@ def train(cfg: Config) -> TrainResult:
     dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed,
                                   vocab_size=spec.vocab_size, num_samples=t.steps * gbs)
 
-    log = ProgressLogger(t.steps, 0, logging_rank, cfg.logging.tensorboard_dir, cfg.logging.interval)
+    log = ProgressLogger(t.steps, 0, logging_rank, cfg.logging.tensorboard_dir, cfg.logging.interval,
+                         world_size=int(os.environ.get("WORLD_SIZE", "1")))
     state, how = restore(cfg, model, optimizer, scheduler)
     if how:
         log.info(how)

@@ -30,7 +30,7 @@ def test_two_process_run_prints_progress_and_checkpoints(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 4
-    pattern = (r"step +\d+/4 \| loss \d+\.\d+ \| lr [\d.e+-]+ \| grad norm \d+\.\d+ \| tokens/s [\d,]+ \| "
+    pattern = (r"step +\d+/4 \| loss \d+\.\d+ \| lr [\d.e+-]+ \| grad norm \d+\.\d+ \| tokens/s [\d,]+ \([\d,]+/rank\) \| "
                r"elapsed \d+:\d\d:\d\d \| remaining \d+:\d\d:\d\d")
     assert all(re.match(pattern, l) for l in lines), lines
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
