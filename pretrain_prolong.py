@@ -18,12 +18,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit (nothing is started)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
 
     from megatron_prolong.data.indexed import DataError
     from megatron_prolong.parallel import destroy

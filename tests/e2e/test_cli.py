@@ -86,3 +86,21 @@ def test_slurm_style_preemption_through_torchrun(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {tmp_path} at step {stopped}" in out.stdout
     assert f"step {stopped + 1:>6}/200" in out.stdout
+
+
+def test_print_config_resolves_overrides_and_derived_values(tmp_path):
+    import yaml
+
+    from megatron_prolong.config import load_config
+
+    out = subprocess.run([sys.executable, "pretrain_prolong.py", "--config", "examples/prolong_64k.yaml",
+                          "--print-config", "optim.lr=2e-5", "checkpoint.init_from=null"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["optim"]["lr"] == 2e-5
+    assert cfg["train"]["global_batch_size"] == 64  # 4M tokens / 64K
+    assert cfg["model"]["rotary_base"] == 8e6
+    resolved = tmp_path / "resolved.yaml"  # the printout is itself a recipe
+    resolved.write_text(out.stdout)
+    assert load_config(resolved).to_dict() == cfg
