@@ -128,7 +128,8 @@ def train(cfg: Config) -> TrainResult:
                 micro_batches(dataset, groups, device=device, cp_size=p.context,
                               cp_rank=parallel_state.get_context_parallel_rank(), use_te=te,
                               tp_size=p.tensor, sequence_parallel=p.sequence_parallel),
-                num_microbatches=len(groups), seq_length=t.seq_length // p.context,
+                # The full length: megatron's schedule divides by CP (and by TP under SP) itself.
+                num_microbatches=len(groups), seq_length=t.seq_length,
                 micro_batch_size=mbs, global_batch_size=gbs,
             )
             result.iteration += 1

@@ -98,6 +98,14 @@ def test_parallel_layout_matches_single_rank(layout, init_ckpt, reference):
         _assert_same_curve(result, reference)
 
 
+def test_pipeline_and_context_parallel_together(init_ckpt, reference):
+    # Pipeline stages exchange activations of the CP-local length: shapes must agree with CP.
+    results = run_distributed(_train, 4, ([f"checkpoint.init_from={init_ckpt}", "parallel.pipeline=2",
+                                           "parallel.context=2"],))
+    for result in results:
+        _assert_same_curve(result, reference)
+
+
 def test_preempted_run_resumes_exactly(init_ckpt, reference, tmp_path):
     save = [f"checkpoint.init_from={init_ckpt}", f"checkpoint.save_dir={tmp_path}", "parallel.tensor=2"]
     first = run_distributed(_train, 2, (save, 2))
