@@ -179,10 +179,17 @@ class CheckpointConfig:
     """Delete older checkpoints, keeping this many (0 keeps all)."""
     exit_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (Slurm pre-emption), save after the current step and exit."""
+    optimizer_format: str = "fully_reshardable"
+    """Distributed-optimizer state on disk. ``fully_reshardable``: resumable at any TP/PP/CP/DP
+    layout; each model shard's optimizer state is gathered on one rank to save (host memory and
+    time grow with the model). ``dp_reshardable``: every rank writes its own shard, in parallel;
+    a resume may change DP only. Model weights are always reshardable (``init_from``)."""
 
     def __post_init__(self):
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last must be >= 0")
+        _require(self.optimizer_format in ("fully_reshardable", "dp_reshardable"),
+                 "checkpoint.optimizer_format must be fully_reshardable or dp_reshardable")
         _require(self.save_dir is not None or self.save_interval == 0,
                  "checkpoint.save_interval needs checkpoint.save_dir")
         if self.init_from is not None:

@@ -30,8 +30,7 @@ from . import mcore_fixes
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "prolong_meta.json"
-# Canonical (per-parameter) optimizer state: reshardable across TP / PP / DP on load.
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"  # canonical per-parameter state: any layout on load
 
 
 class CheckpointError(RuntimeError):
@@ -110,14 +109,15 @@ def _unwrap(module):
     return getattr(module, "module", module)
 
 
-def _sharded_state(model, optimizer, scheduler, *, is_loading: bool, with_rng: bool = True) -> dict:
+def _sharded_state(model, optimizer, scheduler, *, is_loading: bool, with_rng: bool = True,
+                   optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT) -> dict:
     model_sd = _unwrap(model[0]).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         if is_loading:
             _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                          metadata=_OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
         if with_rng:
             state["rng_state"] = _rng_state()
     if scheduler is not None:
@@ -143,6 +143,7 @@ def save_checkpoint(
     scheduler=None,
     train_state: Optional[dict] = None,
     keep_last: int = 0,
+    optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = Path(save_dir)
@@ -154,13 +155,15 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, is_loading=False), str(partial))
+    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, is_loading=False,
+                                           optimizer_format=optimizer_format), str(partial))
     _barrier()
     if rank0:
         meta = {
             "iteration": iteration,
             "model_spec": dataclasses.asdict(model_spec),
             "has_optimizer": optimizer is not None,
+            "optimizer_format": optimizer_format if optimizer is not None else None,
             "parallel": {**_model_parallel_layout(), "data": parallel_state.get_data_parallel_world_size()},
             "train_state": train_state or {},
         }
@@ -196,11 +199,19 @@ def load_checkpoint(
     # RNG states are per (PP, TP, CP) rank: they only carry over to the same layout. They drive
     # dropout alone, so a resharded resume continues with freshly seeded generators.
     same_layout = all(meta["parallel"][k] == v for k, v in _model_parallel_layout().items())
+    optimizer_format = meta.get("optimizer_format") or DEFAULT_OPTIMIZER_FORMAT
+    if optimizer is not None and optimizer_format == "dp_reshardable" and not same_layout:
+        raise CheckpointError(
+            f"{ckpt} holds dp_reshardable optimizer state saved at {meta['parallel']}; it resumes only at "
+            f"the same TP/PP/CP ({_model_parallel_layout()} now). Resume at that layout, or start from its "
+            "weights alone with checkpoint.init_from (the optimizer state is then fresh)")
     state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, scheduler, is_loading=True, with_rng=same_layout), str(ckpt))
+        _sharded_state(model, optimizer, scheduler, is_loading=True, with_rng=same_layout,
+                       optimizer_format=optimizer_format), str(ckpt))
     _unwrap(model[0]).load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # megatron's dp_reshardable path copies into parameter views
+            optimizer.load_state_dict(state["optimizer"])
         if same_layout:
             _set_rng_state(state["rng_state"])
     if scheduler is not None:

@@ -146,7 +146,7 @@ def train(cfg: Config) -> TrainResult:
                     save_dir, result.iteration, model, model_spec=spec, optimizer=optimizer, scheduler=scheduler,
                     train_state={"iteration": result.iteration, "consumed_samples": result.consumed_samples,
                                  "config": cfg.to_dict()},
-                    keep_last=cfg.checkpoint.keep_last)
+                    keep_last=cfg.checkpoint.keep_last, optimizer_format=cfg.checkpoint.optimizer_format)
                 log.info(f"saved checkpoint {path}")
                 log.skip_pause()
             if stop:

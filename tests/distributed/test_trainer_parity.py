@@ -116,3 +116,12 @@ def test_preempted_run_resumes_exactly(init_ckpt, reference, tmp_path):
     # The resumed step equals the uninterrupted run's (optimizer, schedule, data position restored).
     assert second[0].losses[3] == pytest.approx(reference.losses[3], rel=2e-5)
     assert first[0].losses[1] == pytest.approx(reference.losses[1], rel=2e-5)
+
+
+def test_dp_reshardable_optimizer_state_resumes_exactly(init_ckpt, reference, tmp_path):
+    save = [f"checkpoint.init_from={init_ckpt}", f"checkpoint.save_dir={tmp_path}",
+            "checkpoint.optimizer_format=dp_reshardable"]  # two ranks: data parallel
+    first = run_distributed(_train, 2, (save + ["train.exit_at_step=2"],))
+    assert all(r.interrupted and r.iteration == 2 for r in first)
+    second = run_distributed(_train, 2, (save,))
+    assert second[0].losses[3] == pytest.approx(reference.losses[3], rel=2e-5)

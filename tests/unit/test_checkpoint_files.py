@@ -41,3 +41,17 @@ def test_pointer_to_incomplete_checkpoint_is_an_error(tmp_path):
     (tmp_path / LATEST_FILE).write_text("garbage")
     with pytest.raises(CheckpointError, match="not an iteration number"):
         latest_iteration(tmp_path)
+
+
+def test_dp_reshardable_state_refuses_a_layout_change(tmp_path, monkeypatch):
+    from megatron_prolong.training import checkpoint as ckpt
+
+    d = iteration_dir(tmp_path, 5)
+    d.mkdir(parents=True)
+    (d / META_FILE).write_text(json.dumps({
+        "iteration": 5, "model_spec": {}, "has_optimizer": True, "optimizer_format": "dp_reshardable",
+        "parallel": {"tensor": 2, "pipeline": 1, "context": 1, "data": 4}}))
+    (tmp_path / LATEST_FILE).write_text("5")
+    monkeypatch.setattr(ckpt, "_model_parallel_layout", lambda: {"tensor": 1, "pipeline": 1, "context": 1})
+    with pytest.raises(CheckpointError, match="resumes only at the same TP/PP/CP"):
+        ckpt.load_checkpoint(tmp_path, [object()], optimizer=object())
