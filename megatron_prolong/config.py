@@ -19,8 +19,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .attention import ATTENTION_BACKENDS
 from .data.config import DataConfig
 from .models.registry import ModelSpec, get_model_spec, list_models
+from .parallel.cp_layout import CP_COMM_TYPES, check_seq_length
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,9 @@ class ModelConfig:
     """Further ModelSpec field overrides, e.g. ``{num_layers: 2}`` for a smoke run."""
     transformer_engine: str = "auto"
     """``auto`` (TE when installed and on GPU), ``on`` or ``off`` (portable attention)."""
+    attention_backend: str = "auto"
+    """Kernel of the portable (non-TE) attention: ``auto`` (flex on CUDA, sdpa on CPU), or one of
+    ``megatron_prolong.attention.ATTENTION_BACKENDS``. Ignored on the TE path."""
     loss_chunk_tokens: int = 0
     """Compute the output layer + cross-entropy in chunks of this many tokens so the full
     [tokens x vocab] logits never exist (needed at 512K). 0: one piece."""
@@ -51,6 +56,8 @@ class ModelConfig:
                  f"model.name={self.name!r} is unknown; choose one of {list_models()}")
         _require(self.transformer_engine in ("auto", "on", "off"),
                  f"model.transformer_engine must be auto, on or off, got {self.transformer_engine!r}")
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"model.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens must be >= 0 (0 disables chunking)")
         self.spec()  # unknown override keys fail here, not at step 0
 
@@ -74,9 +81,12 @@ class ParallelConfig:
     """Context-parallel size: the sequence is split into 2 x CP zigzag chunks."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout activations (needs tensor > 1)."""
-    cp_comm_type: str = "all_gather"
-    """Context-parallel communication. Portable attention: all_gather (K/V all-gathered, dK/dV
-    reduce-scattered). TE: p2p, all_gather, a2a or a2a+p2p."""
+    cp_comm_type: str = "auto"
+    """Context-parallel communication. ``auto``: all_gather on the portable attention (K/V
+    all-gathered, dK/dV reduce-scattered; the only one it implements), p2p with TE (the one TE
+    supports for packed documents in every release). TE also takes a2a (TE >= 2.10, heads per TP
+    rank divisible by CP); all_gather and a2a+p2p cannot run THD-packed documents on the TE
+    releases megatron-core 0.16.1 supports and are refused at start-up."""
     hierarchical_cp_sizes: Optional[list] = None
     """TE a2a+p2p only: CP sizes per level whose product is ``context``, e.g. [8, 2] for a2a
     inside a node and p2p across 2 nodes."""
@@ -90,8 +100,9 @@ class ParallelConfig:
             _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
         _require(not self.sequence_parallel or self.tensor > 1,
                  "parallel.sequence_parallel needs parallel.tensor > 1; set it false or raise tensor")
-        _require(self.cp_comm_type in ("p2p", "all_gather", "a2a", "a2a+p2p"),
-                 f"parallel.cp_comm_type must be p2p, all_gather, a2a or a2a+p2p, got {self.cp_comm_type!r}")
+        _require(self.cp_comm_type in ("auto",) + CP_COMM_TYPES,
+                 f"parallel.cp_comm_type must be auto, {', '.join(CP_COMM_TYPES[:-1])} or {CP_COMM_TYPES[-1]}, "
+                 f"got {self.cp_comm_type!r}")
 
     @property
     def model_parallel(self) -> int:
@@ -224,12 +235,10 @@ class Config:
                  f"and {spec.num_query_groups} KV heads of {spec.name}")
         _require(spec.num_layers % p.pipeline == 0,
                  f"parallel.pipeline={p.pipeline} must divide the {spec.num_layers} layers of {spec.name}")
-        _require(t.seq_length % (2 * p.context) == 0 or p.context == 1,
-                 f"train.seq_length={t.seq_length} must be a multiple of 2 x parallel.context = "
-                 f"{2 * p.context} (zigzag context-parallel split)")
-        _require(t.seq_length % p.tensor == 0 or not p.sequence_parallel,
-                 f"train.seq_length={t.seq_length} must be a multiple of parallel.tensor={p.tensor} "
-                 "with sequence parallelism")
+        try:
+            check_seq_length(t.seq_length, p.context, p.tensor, p.sequence_parallel)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallel.model_parallel

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import weakref
 from typing import Optional
 
@@ -39,32 +38,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from . import ATTENTION_BACKENDS as _BACKENDS
+from ..parallel.cp_layout import PORTABLE_CP_COMM_TYPES, gathered_positions, zigzag_positions  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-PORTABLE_CP_COMM_TYPES = (None, "all_gather")
-_BACKENDS = ("auto", "flex", "sdpa")
-
-
-# ----------------------------------------------------------------------------------------------
-# Zigzag layout helpers (shared with parallel/context_parallel.py)
-# ----------------------------------------------------------------------------------------------
-
-
-def zigzag_positions(seq_length: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """Global positions of the ``seq_length // cp_size`` tokens CP rank ``cp_rank`` holds."""
-    if seq_length % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {seq_length} must be divisible by 2 x context_parallel_size = {2 * cp_size}"
-        )
-    c = seq_length // (2 * cp_size)
-    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)
-    return torch.cat([first, second])
-
-
-def gathered_positions(seq_length: int, cp_size: int, device=None) -> torch.Tensor:
-    """Global positions of the keys after an all-gather over CP (rank-major zigzag order)."""
-    return torch.cat([zigzag_positions(seq_length, cp_size, r, device) for r in range(cp_size)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +235,7 @@ class PortableCoreAttention(MegatronModule):
         super().__init__(config=config)
         from megatron.core import parallel_state
 
-        if cp_comm_type not in PORTABLE_CP_COMM_TYPES:
+        if cp_comm_type is not None and cp_comm_type not in PORTABLE_CP_COMM_TYPES:
             raise ValueError(
                 f"the portable attention implements context parallelism by all-gather only; got "
                 f"cp_comm_type={cp_comm_type!r}. Set cp_comm_type to 'all_gather' (or null), or use "
@@ -282,9 +260,9 @@ class PortableCoreAttention(MegatronModule):
         self.num_kv_heads = divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.backend = backend or os.environ.get("PROLONG_ATTENTION_BACKEND", "auto")
+        self.backend = backend or "auto"
         if self.backend not in _BACKENDS:
-            raise ValueError(f"PROLONG_ATTENTION_BACKEND must be one of {_BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"attention backend must be one of {_BACKENDS}, got {self.backend!r}")
 
     def forward(
         self,

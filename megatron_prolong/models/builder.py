@@ -62,9 +62,9 @@ def build_transformer_config(spec: ModelSpec, **overrides) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(use_te: bool) -> ModuleSpec:
+def layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSpec:
     """TE fused layer spec, or megatron's local spec with the project's portable core attention
-    and an RMSNorm that works with sequence parallelism."""
+    (its kernel: ``attention_backend``) and an RMSNorm that works with sequence parallelism."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -72,19 +72,21 @@ def layer_spec(use_te: bool) -> ModuleSpec:
     from ..attention.portable import PortableCoreAttention
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = PortableCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=PortableCoreAttention, params={"backend": attention_backend})
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
-def block_spec(config: TransformerConfig, use_te: bool):
+def block_spec(config: TransformerConfig, use_te: bool, attention_backend: str = "auto"):
     """Layer spec for every layer of this stage, plus the final norm (TE's own when TE is used)."""
     if use_te:
         return layer_spec(True)
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * get_num_layers_to_build(config),
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(False, attention_backend)]
+                                      * get_num_layers_to_build(config),
                                       layer_norm=RMSNorm)
 
 
@@ -95,12 +97,13 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     use_te: bool | None = None,
+    attention_backend: str = "auto",
 ) -> ProLongGPTModel:
     """A Llama-3 GPTModel for this pipeline stage. ``use_te=None`` picks TE when available."""
     use_te = te_available() if use_te is None else use_te
     return ProLongGPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, use_te),
+        transformer_layer_spec=block_spec(config, use_te, attention_backend),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,

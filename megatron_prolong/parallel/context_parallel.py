@@ -30,9 +30,11 @@ from typing import Optional
 
 import torch
 
-from ..attention.portable import zigzag_positions
+from .cp_layout import (CP_COMM_TYPES, PORTABLE_CP_COMM_TYPES, TE_THD_CP_SUPPORT, check_seq_length,
+                        split_zigzag, zigzag_positions)
 
-CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "prepare_batch", "split_zigzag", "thd_pack",
+           "thd_partition_indices", "validate_cp_config"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,42 +44,66 @@ CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
 
 def validate_cp_config(*, cp_size: int, seq_length: int, use_te: bool, cp_comm_type=None,
                        hierarchical_cp_sizes: Optional[list[int]] = None, num_layers: Optional[int] = None,
-                       tp_size: int = 1, sequence_parallel: bool = False) -> None:
-    """Fail fast with a readable message on a CP setup that cannot run."""
+                       tp_size: int = 1, sequence_parallel: bool = False,
+                       num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                       te_version: Optional[tuple[int, int]] = None) -> None:
+    """Fail fast with a readable message on a CP setup that cannot run.
+
+    The TE path always packs documents as THD (``padding_causal``); what TE's CP supports for that
+    format depends on the comm type and the TE release (``cp_layout.TE_THD_CP_SUPPORT``).
+    ``te_version`` (major, minor) is checked when given; ``num_heads`` / ``num_kv_heads`` (whole
+    model) enable the a2a head-divisibility check.
+    """
     if cp_size < 1:
         raise ValueError(f"context_parallel_size must be >= 1, got {cp_size}")
     if cp_size == 1:
         return
-    if not use_te and seq_length % (2 * cp_size):
-        raise ValueError(f"seq_length {seq_length} must be divisible by 2 x context_parallel_size "
-                         f"= {2 * cp_size} (zigzag split)")
-    if not use_te and sequence_parallel and (seq_length // cp_size) % tp_size:
-        raise ValueError(f"with sequence parallelism the local sequence {seq_length // cp_size} must be "
-                         f"divisible by tensor_model_parallel_size {tp_size}")
+    if not use_te:
+        check_seq_length(seq_length, cp_size, tp_size, sequence_parallel, what="seq_length")
     types = cp_comm_type if isinstance(cp_comm_type, list) else [cp_comm_type]
     if isinstance(cp_comm_type, list) and num_layers is not None and len(cp_comm_type) != num_layers:
         raise ValueError(f"cp_comm_type is a list of {len(cp_comm_type)} entries; it needs one per "
                          f"layer ({num_layers})")
     for t in types:
         if use_te:
-            if t is not None and t not in CP_COMM_TYPES:
-                raise ValueError(f"cp_comm_type {t!r} unknown; TE supports {CP_COMM_TYPES}")
-            if t == "a2a+p2p":
-                if not hierarchical_cp_sizes:
-                    raise ValueError("cp_comm_type 'a2a+p2p' needs hierarchical_context_parallel_sizes, "
-                                     "e.g. [8, 2] for a2a inside a node and p2p across 2 nodes")
-                prod = 1
-                for x in hierarchical_cp_sizes:
-                    prod *= x
-                if prod != cp_size:
-                    raise ValueError(f"hierarchical_context_parallel_sizes {hierarchical_cp_sizes} multiply "
-                                     f"to {prod}, not context_parallel_size {cp_size}")
-        else:
-            if t not in (None, "all_gather"):
-                raise ValueError(f"the portable attention (no TE) implements CP by all-gather only; "
-                                 f"cp_comm_type={t!r} needs TE. Use 'all_gather' or leave it unset")
+            _check_te_comm_type(t, cp_size, hierarchical_cp_sizes, tp_size, num_heads, num_kv_heads, te_version)
+        elif t is not None and t not in PORTABLE_CP_COMM_TYPES:
+            raise ValueError(f"the portable attention (no TE) implements CP by all-gather only; "
+                             f"cp_comm_type={t!r} needs TE. Use 'all_gather' or leave it unset")
     if not use_te and hierarchical_cp_sizes:
         raise ValueError("hierarchical_context_parallel_sizes only applies to TE's a2a+p2p")
+
+
+def _check_te_comm_type(t, cp_size, hierarchical_cp_sizes, tp_size, num_heads, num_kv_heads, te_version):
+    if t is None:
+        return
+    if t not in CP_COMM_TYPES:
+        raise ValueError(f"cp_comm_type {t!r} unknown; TE supports {CP_COMM_TYPES}")
+    if t == "a2a+p2p":
+        if not hierarchical_cp_sizes:
+            raise ValueError("cp_comm_type 'a2a+p2p' needs hierarchical_context_parallel_sizes, "
+                             "e.g. [8, 2] for a2a inside a node and p2p across 2 nodes")
+        prod = 1
+        for x in hierarchical_cp_sizes:
+            prod *= x
+        if prod != cp_size:
+            raise ValueError(f"hierarchical_context_parallel_sizes {hierarchical_cp_sizes} multiply "
+                             f"to {prod}, not context_parallel_size {cp_size}")
+    support = TE_THD_CP_SUPPORT[t]
+    if te_version is not None and (support.min_te is None or tuple(te_version) < support.min_te):
+        need = "no TE release" if support.min_te is None else f"TE >= {support.min_te[0]}.{support.min_te[1]}"
+        raise ValueError(
+            f"cp_comm_type={t!r} with packed documents (THD, padding_causal) needs {need}, but TE "
+            f"{te_version[0]}.{te_version[1]} is installed ({support.note or 'TE asserts on this combination'}). "
+            "Set parallel.cp_comm_type=p2p (works with every TE release), or a2a on TE >= 2.10")
+    if support.heads_divisible and num_heads is not None and num_kv_heads is not None:
+        a2a_size = hierarchical_cp_sizes[0] if t == "a2a+p2p" else cp_size
+        for what, n in (("attention heads", num_heads), ("KV heads", num_kv_heads)):
+            if (n // tp_size) % a2a_size:
+                raise ValueError(
+                    f"cp_comm_type={t!r} scatters heads over CP: the {n} {what} / TP {tp_size} = "
+                    f"{n // tp_size} per TP rank must be divisible by CP {a2a_size}. Use "
+                    "parallel.cp_comm_type=p2p, or a smaller context-parallel size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,14 +217,6 @@ def _te_partition_indices(cu_seqlens_padded, total, cp_size, cp_rank):
 # ----------------------------------------------------------------------------------------------
 # prepare_batch
 # ----------------------------------------------------------------------------------------------
-
-
-def split_zigzag(x: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
-    """This CP rank's two zigzag chunks of ``x`` along ``seq_dim``."""
-    if cp_size == 1:
-        return x
-    idx = zigzag_positions(x.shape[seq_dim], cp_size, cp_rank, device=x.device)
-    return x.index_select(seq_dim, idx)
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], *, cp_size: int = 1, cp_rank: int = 0,

@@ -27,6 +27,13 @@ def use_te(cfg: Config) -> bool:
     return mode == "on" or (mode == "auto" and te_available())
 
 
+def cp_comm_type(cfg: Config) -> str:
+    from ..parallel.cp_layout import default_cp_comm_type
+
+    c = cfg.parallel.cp_comm_type
+    return default_cp_comm_type(use_te(cfg)) if c == "auto" else c
+
+
 def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
     p, t = cfg.parallel, cfg.train
     bf16 = use_bf16(cfg)
@@ -37,7 +44,7 @@ def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     te_cp = {}
     if use_te(cfg) and p.context > 1:
-        te_cp = dict(cp_comm_type=p.cp_comm_type)
+        te_cp = dict(cp_comm_type=cp_comm_type(cfg))
         if p.hierarchical_cp_sizes:
             te_cp["hierarchical_context_parallel_sizes"] = list(p.hierarchical_cp_sizes)
     # With TE (GPU), megatron's usual fusions: weight-gradient accumulation straight into the fp32
@@ -71,7 +78,7 @@ def check_context_parallel(cfg: Config, spec: ModelSpec) -> None:
     p = cfg.parallel
     try:
         validate_cp_config(cp_size=p.context, seq_length=cfg.train.seq_length, use_te=use_te(cfg),
-                           cp_comm_type=p.cp_comm_type, hierarchical_cp_sizes=p.hierarchical_cp_sizes,
+                           cp_comm_type=cp_comm_type(cfg), hierarchical_cp_sizes=p.hierarchical_cp_sizes,
                            num_layers=spec.num_layers, tp_size=p.tensor, sequence_parallel=p.sequence_parallel)
     except ValueError as e:
         raise ConfigError(f"parallel: {e}") from None
@@ -85,6 +92,7 @@ def build_model(cfg: Config, spec: ModelSpec) -> list[DistributedDataParallel]:
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         use_te=use_te(cfg),
+        attention_backend=cfg.model.attention_backend,
     )
     if cfg.model.loss_chunk_tokens and hasattr(model, "loss_chunk_tokens"):
         model.loss_chunk_tokens = cfg.model.loss_chunk_tokens
