@@ -27,7 +27,7 @@ test: install-test
 
 # Unit tests only (seconds): no multi-process runs.
 test-fast: install-test
-	$(PYTHON) -m pytest -q tests/unit tests/data
+	$(PYTHON) -m pytest -q -m "not distributed" tests/test_config.py tests/models tests/training tests/data
 
 # Figures, not pass/fail: conversion and loader throughput, attention TFLOP/s, conversion memory.
 bench: install-test

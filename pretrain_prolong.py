@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from megatron_prolong.config import ConfigError, load_config
+from megatron_prolong.errors import report_error
 
 
 def main(argv=None) -> int:
@@ -24,29 +25,23 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
-    from megatron_prolong.data.indexed import DataError
+    from megatron_prolong.errors import USER_ERRORS
     from megatron_prolong.parallel import destroy
     from megatron_prolong.platform import quiet_known_warnings
-    from megatron_prolong.training.checkpoint import CheckpointError
     from megatron_prolong.training.trainer import train
 
     quiet_known_warnings()
     try:
         train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return report_error(e)
     finally:
         destroy()
     return 0

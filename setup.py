@@ -23,6 +23,8 @@ setup(
         "pyyaml",
         "tensorboard",
         "psutil",
+        # megatron-core builds two-level CP groups (TE a2a+p2p) with it.
+        "einops",
     ],
     extras_require={
         # The real Llama-3 tokenizer (tokenizer.json) ships inside this package: usable offline.

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_prolong.convert import ConversionError, UnsupportedModelError, hf_to_megatron, megatron_to_hf
-    from megatron_prolong.training.checkpoint import CheckpointError
+    from megatron_prolong.checkpoint_layout import CheckpointError
 
     try:
         if args.command == "hf-to-megatron":

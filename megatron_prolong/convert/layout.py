@@ -1,12 +1,5 @@
-"""The trainer's checkpoint layout (owned by ``megatron_prolong.training.checkpoint``) plus the
-converter's own output discipline (refuse non-empty outputs, stage, then rename).
-
-::
-
-    DIR/latest_checkpointed_iteration.txt     latest complete iteration (written last)
-    DIR/iter_0000010/                         megatron dist_checkpointing (torch_dist) directory
-    DIR/iter_0000010/prolong_meta.json        {"iteration", "model_spec", "parallel", "has_optimizer", ...}
-"""
+"""The converter's output discipline (refuse non-empty outputs, stage, then rename) and checkpoint
+lookup, on the one checkpoint layout (``megatron_prolong.checkpoint_layout``)."""
 
 from __future__ import annotations
 
@@ -16,29 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-# One definition of the layout: the trainer's.
-from ..training.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, iteration_dir, latest_iteration,
-                                   read_checkpoint_meta)
+from ..checkpoint_layout import (LATEST_FILE, META_FILE, CheckpointError, iteration_dir, latest_iteration,
+                                 read_checkpoint_meta, resolve_checkpoint)
 
 __all__ = ["LATEST_FILE", "META_FILE", "CheckpointError", "check_output_dir", "iteration_dir", "latest_iteration",
            "read_checkpoint_meta", "resolve_checkpoint", "staged_output"]
-
-
-def resolve_checkpoint(root: Path, iteration: int | None) -> tuple[Path, int]:
-    """``(iteration directory, iteration)``; the latest complete one unless ``iteration`` is given."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: no such checkpoint directory")
-    if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
-            found = sorted(p.name for p in root.glob("iter_*"))
-            raise CheckpointError(f"{root}: no {LATEST_FILE}, so no complete checkpoint; iteration folders "
-                                  f"present: {found or 'none'} (pass --iteration N to pick one)")
-    path = iteration_dir(root, iteration)
-    if not (path / META_FILE).is_file() or not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (needs {META_FILE} and metadata.json)")
-    return path, iteration
 
 
 def check_output_dir(out: Path) -> None:

@@ -7,11 +7,11 @@ checks and planning tools start fast.
 from .registry import MODELS, ModelSpec, get_model_spec, list_models
 
 __all__ = ["MODELS", "ModelSpec", "build_gpt_model", "build_transformer_config", "get_model_spec",
-           "list_models", "te_available"]
+           "list_models"]
 
 
 def __getattr__(name):
-    if name in ("build_gpt_model", "build_transformer_config", "te_available"):
+    if name in ("build_gpt_model", "build_transformer_config"):
         from . import builder
 
         return getattr(builder, name)

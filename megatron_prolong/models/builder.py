@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-
-import torch
 import torch.nn.functional as F
-from .gpt import ProLongGPTModel
-from .norm import RMSNorm
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .gpt import ProLongGPTModel
+from .norm import RMSNorm
 from .registry import ModelSpec
 
 
-@functools.lru_cache(maxsize=1)
-def te_available() -> bool:
-    """Transformer Engine importable and a GPU present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def build_transformer_config(spec: ModelSpec, **overrides) -> TransformerConfig:
-    """Llama-3 TransformerConfig. ``overrides`` set parallelism, precision and recompute fields."""
-    on_gpu = torch.cuda.is_available()
+def build_transformer_config(spec: ModelSpec, *, on_gpu: bool = False, **overrides) -> TransformerConfig:
+    """Llama-3 TransformerConfig. ``on_gpu``: the run's device is CUDA (fused kernels, GPU weight
+    init); ``overrides`` set parallelism, precision and recompute fields."""
     kwargs = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -96,11 +81,12 @@ def build_gpt_model(
     *,
     pre_process: bool = True,
     post_process: bool = True,
-    use_te: bool | None = None,
+    use_te: bool = False,
     attention_backend: str = "auto",
+    loss_chunk_tokens: int = 0,
 ) -> ProLongGPTModel:
-    """A Llama-3 GPTModel for this pipeline stage. ``use_te=None`` picks TE when available."""
-    use_te = te_available() if use_te is None else use_te
+    """A Llama-3 GPTModel for this pipeline stage: TE's fused layer spec or the portable one
+    (decided by the caller, once per run: ``training/run.py``)."""
     return ProLongGPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, use_te, attention_backend),
@@ -113,4 +99,5 @@ def build_gpt_model(
         rotary_base=spec.rotary_base,
         rope_scaling=spec.rope_scaling,
         rope_scaling_factor=spec.rope_scaling_factor,
+        loss_chunk_tokens=loss_chunk_tokens,
     )

@@ -19,10 +19,12 @@ def initialize(
     device: str = "auto",
     seed: int = 1234,
     timeout_minutes: int = 30,
+    hierarchical_cp_sizes: list[int] | None = None,
 ) -> str:
     """Start torch.distributed from the torchrun environment and build megatron's groups.
 
     Works without torchrun too (a single process gets rank 0 of 1). Returns the device type.
+    ``hierarchical_cp_sizes`` builds the two-level CP groups TE's ``a2a+p2p`` takes.
     """
     device = init_platform(device)
     if not dist.is_initialized():
@@ -44,6 +46,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         context_parallel_size=context_parallel,
+        hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes else None,
     )
     seed_model_parallel_rng(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     return device

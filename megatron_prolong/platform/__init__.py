@@ -3,6 +3,9 @@
 ``init_platform`` must run before megatron-core builds models or process groups. On CUDA it
 only picks the device; on CPU it installs the shims of ``cpu.py`` that let megatron-core run
 unmodified. Nothing here changes the CUDA path.
+
+This package is the only place that asks torch whether CUDA exists or which optional GPU
+packages import; the run record (``training/run.py``) turns the answers into decisions once.
 """
 
 from __future__ import annotations
@@ -14,15 +17,50 @@ import torch
 _DEVICE: str | None = None
 
 
-def init_platform(device: str = "auto") -> str:
-    """Select ``"cuda"`` or ``"cpu"`` (``"auto"``: CUDA when available). Idempotent."""
-    global _DEVICE
+class PlatformError(RuntimeError):
+    """The machine cannot do what was asked (no GPU for device=cuda, ...)."""
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def te_version() -> tuple[int, int] | None:
+    """(major, minor) of an importable Transformer Engine, else None."""
+    try:
+        import transformer_engine
+    except ImportError:
+        return None
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", getattr(transformer_engine, "__version__", ""))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def fused_wgrad_available() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda``: megatron's own linears (the output layer) need it
+    for ``gradient_accumulation_fusion``; megatron checks the same import."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"cuda"`` or ``"cpu"`` for a ``train.device`` value, without initialising anything."""
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no GPU; use device='cpu'")
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise PlatformError("train.device=cuda was asked for but torch sees no GPU; use train.device=cpu "
+                            "(or auto), or check CUDA_VISIBLE_DEVICES and the driver")
+    return device
+
+
+def init_platform(device: str = "auto") -> str:
+    """Select ``"cuda"`` or ``"cpu"`` (``"auto"``: CUDA when available). Idempotent."""
+    global _DEVICE
+    device = resolve_device(device)
     if _DEVICE is not None:
         if _DEVICE != device:
             raise RuntimeError(f"platform already initialised for {_DEVICE}, cannot switch to {device}")
@@ -46,6 +84,10 @@ def current_device() -> torch.device:
 
 def is_cpu() -> bool:
     return _DEVICE == "cpu"
+
+
+def is_cuda() -> bool:
+    return _DEVICE == "cuda"
 
 
 def dist_backend() -> str:

@@ -1,22 +1,21 @@
 """Checkpoints: megatron-core dist_checkpointing (resharded on load), written then marked complete.
 
-Layout of ``save_dir``::
+The folder layout is ``megatron_prolong.checkpoint_layout``. A save goes to ``.iter_N.partial``
+and is renamed only after every rank finished writing, then ``latest_checkpointed_iteration.txt``
+is replaced atomically, so a crash or pre-emption mid-save never leaves something that looks like
+a checkpoint. A model-only checkpoint (no optimizer; what the Hugging Face converter writes)
+initialises a run.
 
-    iter_0000010/                  dist_checkpointing directory: {"model", "optimizer", "rng", ...}
-    iter_0000010/prolong_meta.json model spec, parallel layout, train state; written last inside
-    latest_checkpointed_iteration.txt   the newest *complete* iteration; replaced atomically
-
-A save goes to ``.iter_0000010.partial`` and is renamed only after every rank finished writing,
-so a crash or pre-emption mid-save never leaves something that looks like a checkpoint.
-A model-only checkpoint (no optimizer; what the Hugging Face converter writes) initialises a run.
+``save_checkpoint`` / ``load_checkpoint`` are the collective mechanics; ``Checkpointer`` owns a
+run's policy (when to save, keep-last, optimizer format, what to restore).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,55 +24,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from .. import platform
+from ..checkpoint_layout import (LATEST_FILE, META_FILE, CheckpointError, encode_model_spec,  # noqa: F401
+                                 iteration_dir, latest_iteration, list_iterations, model_spec_from_meta,
+                                 partial_dir, read_checkpoint_meta, write_atomic, write_checkpoint_meta)
 from ..models.registry import ModelSpec
-from . import mcore_fixes
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-META_FILE = "prolong_meta.json"
-DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"  # canonical per-parameter state: any layout on load
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: str | Path) -> Optional[int]:
-    """The newest complete iteration in ``root``, or None when there is none."""
-    marker = Path(root) / LATEST_FILE
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise CheckpointError(f"{marker} holds {text!r}, not an iteration number") from None
-    if not (iteration_dir(root, iteration) / META_FILE).is_file():
-        raise CheckpointError(f"{marker} points at iteration {iteration} but "
-                              f"{iteration_dir(root, iteration)} is missing or incomplete")
-    return iteration
-
-
-def read_checkpoint_meta(root: str | Path, iteration: Optional[int] = None) -> dict:
-    """The metadata of a checkpoint (latest when ``iteration`` is None)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist")
-    if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
-            raise CheckpointError(f"{root} holds no complete checkpoint ({LATEST_FILE} is missing)")
-    meta_path = iteration_dir(root, iteration) / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path} is missing: iteration {iteration} is not a complete checkpoint")
-    return json.loads(meta_path.read_text())
-
-
-def model_spec_from_meta(meta: dict) -> ModelSpec:
-    return ModelSpec(**meta["model_spec"])
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+LEGACY_OPTIMIZER_FORMAT = "fully_reshardable"
+"""What checkpoints written before the format was recorded hold."""
 
 
 def _rng_state() -> ShardedObject:
@@ -81,7 +40,7 @@ def _rng_state() -> ShardedObject:
 
     state = {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if platform.is_cuda() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
@@ -99,7 +58,7 @@ def _set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and platform.is_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -148,7 +107,7 @@ def save_checkpoint(
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = Path(save_dir)
     final = iteration_dir(root, iteration)
-    partial = root / f".{final.name}.partial"
+    partial = partial_dir(root, iteration)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
@@ -161,17 +120,17 @@ def save_checkpoint(
     if rank0:
         meta = {
             "iteration": iteration,
-            "model_spec": dataclasses.asdict(model_spec),
+            "model_spec": encode_model_spec(model_spec),
             "has_optimizer": optimizer is not None,
             "optimizer_format": optimizer_format if optimizer is not None else None,
             "parallel": {**_model_parallel_layout(), "data": parallel_state.get_data_parallel_world_size()},
             "train_state": train_state or {},
         }
-        (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_checkpoint_meta(partial, meta)
         if final.exists():  # re-saving an iteration (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_atomic(root / LATEST_FILE, f"{iteration}\n")
+        write_atomic(root / LATEST_FILE, f"{iteration}\n")
         if keep_last:
             _prune(root, keep_last)
     _barrier()
@@ -191,7 +150,6 @@ def load_checkpoint(
 
     Returns the stored train state (empty for a model-only checkpoint).
     """
-    mcore_fixes.apply()
     meta = read_checkpoint_meta(load_dir, iteration)
     ckpt = iteration_dir(load_dir, meta["iteration"])
     if optimizer is not None and not meta["has_optimizer"]:
@@ -199,7 +157,7 @@ def load_checkpoint(
     # RNG states are per (PP, TP, CP) rank: they only carry over to the same layout. They drive
     # dropout alone, so a resharded resume continues with freshly seeded generators.
     same_layout = all(meta["parallel"][k] == v for k, v in _model_parallel_layout().items())
-    optimizer_format = meta.get("optimizer_format") or DEFAULT_OPTIMIZER_FORMAT
+    optimizer_format = meta.get("optimizer_format") or LEGACY_OPTIMIZER_FORMAT
     if optimizer is not None and optimizer_format == "dp_reshardable" and not same_layout:
         raise CheckpointError(
             f"{ckpt} holds dp_reshardable optimizer state saved at {meta['parallel']}; it resumes only at "
@@ -227,12 +185,6 @@ def _model_parallel_layout() -> dict:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _prune(root: Path, keep_last: int) -> None:
     iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
     for old in iters[:-keep_last]:
@@ -242,3 +194,84 @@ def _prune(root: Path, keep_last: int) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's checkpoint policy
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Restored:
+    """What a run starts from."""
+
+    kind: str = "fresh"
+    """``resumed`` (everything from ``save_dir``), ``init_from`` (weights only) or ``fresh``."""
+    source: Optional[str] = None
+    iteration: int = 0
+    consumed_samples: int = 0
+    timing: dict = field(default_factory=dict)
+    """The previous run's measured seconds per step and per save (pre-emption margin)."""
+
+    def describe(self) -> str:
+        if self.kind == "resumed":
+            return (f"resumed from {self.source} at step {self.iteration} "
+                    f"({self.consumed_samples} samples consumed)")
+        if self.kind == "init_from":
+            return f"initialised weights from {self.source}"
+        return ""
+
+
+class Checkpointer:
+    """Restores a run and saves it by policy: every ``save_interval`` steps, at the last step
+    (``save_at_end``), and when forced (pre-emption signal, ``train.exit_at_step``)."""
+
+    def __init__(self, cfg, run, model: list, optimizer, scheduler):
+        self.cfg = cfg.checkpoint
+        self.total_steps = cfg.train.steps
+        self.config_dict = cfg.to_dict()
+        self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
+        self.save_dir = self.cfg.save_dir
+        self.last_save_seconds: Optional[float] = None
+
+    def restore(self) -> Restored:
+        """Resume the run in ``save_dir`` (model, optimizer, schedule, RNG, data position), or
+        start from the weights of ``init_from``; collective."""
+        if self.save_dir and latest_iteration(self.save_dir) is not None:
+            state = load_checkpoint(self.save_dir, self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            return Restored("resumed", self.save_dir, int(state.get("iteration", 0)),
+                            int(state.get("consumed_samples", 0)), dict(state.get("timing", {})))
+        if self.cfg.init_from:
+            load_checkpoint(self.cfg.init_from, self.model)
+            # bf16 parameters: the optimizer took its fp32 main weights at construction; give it
+            # the loaded ones, or its first step would write the random initialisation back.
+            self.optimizer.reload_model_params()
+            return Restored("init_from", self.cfg.init_from)
+        return Restored()
+
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether ``maybe_save`` would write at ``step``."""
+        if not self.save_dir:
+            return False
+        periodic = self.cfg.save_interval and step % self.cfg.save_interval == 0
+        last = step == self.total_steps and self.cfg.save_at_end
+        return bool(force or periodic or last)
+
+    def maybe_save(self, step: int, *, consumed_samples: int, force: bool = False,
+                   timing: Optional[dict] = None) -> Optional[Path]:
+        """Save if the policy says so (collective: every rank calls it). Returns the folder."""
+        if not self.due(step, force=force):
+            return None
+        t0 = time.time()
+        train_state = {"iteration": step, "consumed_samples": consumed_samples, "config": self.config_dict,
+                       "timing": dict(timing or {})}
+        path = save_checkpoint(
+            self.save_dir, step, self.model, model_spec=self.run.spec, optimizer=self.optimizer,
+            scheduler=self.scheduler, keep_last=self.cfg.keep_last, optimizer_format=self.cfg.optimizer_format,
+            train_state=train_state)
+        self.last_save_seconds = time.time() - t0
+        if self.run.is_rank0:  # the save's own duration, for the next launch's pre-emption advice
+            meta = read_checkpoint_meta(self.save_dir, step)
+            meta["train_state"]["timing"]["save_seconds"] = self.last_save_seconds
+            write_checkpoint_meta(path, meta)
+        return path

@@ -1,6 +1,7 @@
 """Fixes for megatron-core 0.16.1 defects on the paths this project uses. Each says what and why.
 
-Applied once, on every device: they concern missing optional packages (apex / TE), not the CPU.
+Applied once, at start-up, by ``setup.build_optimizer`` (before any optimizer state is built or
+loaded), on every device: they concern missing optional packages (apex / TE), not the CPU.
 """
 
 from __future__ import annotations

@@ -15,9 +15,13 @@ def _hms(seconds: float) -> str:
 
 class ProgressLogger:
     def __init__(self, total_steps: int, start_step: int, enabled: bool,
-                 tensorboard_dir: Optional[str] = None, interval: int = 1, world_size: int = 1):
+                 tensorboard_dir: Optional[str] = None, interval: int = 1, world_size: int = 1,
+                 cuda_memory: bool = False):
         self.total, self.start, self.enabled, self.interval = total_steps, start_step, enabled, interval
         self.world_size = world_size
+        self.cuda_memory = cuda_memory
+        self.step_seconds: list[float] = []
+        self._t_step = time.time()
         self.t0 = self.t_last = time.time()
         self.tokens_since = 0
         self.writer = None
@@ -31,6 +35,9 @@ class ProgressLogger:
             print(message, flush=True)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, skipped: bool) -> None:
+        now = time.time()
+        self.step_seconds.append(now - self._t_step)
+        self._t_step = now
         self.tokens_since += tokens
         if self.writer is not None:
             for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm)):
@@ -43,7 +50,7 @@ class ProgressLogger:
         remaining = (now - self.t0) / max(done, 1) * (self.total - step)
         flag = " (skipped)" if skipped else ""
         memory = ""
-        if torch.cuda.is_available():  # this rank's peak since the last line: what OOM hunting needs
+        if self.cuda_memory:  # this rank's peak since the last line: what OOM hunting needs
             memory = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
             torch.cuda.reset_peak_memory_stats()
         print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
@@ -55,7 +62,12 @@ class ProgressLogger:
 
     def skip_pause(self) -> None:
         """Leave out time spent outside training steps (checkpoint saves) from tokens/s."""
-        self.t_last = time.time()
+        self.t_last = self._t_step = time.time()
+
+    def typical_step_seconds(self) -> Optional[float]:
+        """Median seconds per step so far (the first step, with its compilation, counts only alone)."""
+        times = self.step_seconds[1:] or self.step_seconds
+        return sorted(times)[len(times) // 2] if times else None
 
     def close(self) -> None:
         if self.writer is not None:

@@ -2,102 +2,72 @@
 
 from __future__ import annotations
 
-import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import Config, ConfigError
-from ..models import build_gpt_model, build_transformer_config, te_available
-from ..models.registry import ModelSpec
+from ..config import Config
+from ..models import build_gpt_model, build_transformer_config
+from .run import Run
 
 
-def use_bf16(cfg: Config) -> bool:
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+def transformer_config(cfg: Config, run: Run) -> TransformerConfig:
+    return build_transformer_config(run.spec, **transformer_config_overrides(cfg, run))
 
 
-def use_te(cfg: Config) -> bool:
-    mode = cfg.model.transformer_engine
-    if mode == "on" and not te_available():
-        raise RuntimeError("model.transformer_engine=on but Transformer Engine or a GPU is missing; "
-                           "install TE (see docker/) or set model.transformer_engine=auto")
-    return mode == "on" or (mode == "auto" and te_available())
-
-
-def cp_comm_type(cfg: Config) -> str:
-    from ..parallel.cp_layout import default_cp_comm_type
-
-    c = cfg.parallel.cp_comm_type
-    return default_cp_comm_type(use_te(cfg)) if c == "auto" else c
-
-
-def transformer_config(cfg: Config, spec: ModelSpec) -> TransformerConfig:
-    p, t = cfg.parallel, cfg.train
-    bf16 = use_bf16(cfg)
+def transformer_config_overrides(cfg: Config, run: Run) -> dict:
+    """What the run adds to the Llama-3 TransformerConfig: layout, precision, recompute, TE
+    settings (a plain dict: megatron validates TE fusions against an installed TE)."""
+    p, t, d = cfg.parallel, cfg.train, run.decisions
     recompute = {}
     if t.recompute == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     elif t.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     te_cp = {}
-    if use_te(cfg) and p.context > 1:
-        te_cp = dict(cp_comm_type=cp_comm_type(cfg))
+    if d.use_te and p.context > 1:
+        te_cp = dict(cp_comm_type=d.cp_comm_type)
         if p.hierarchical_cp_sizes:
             te_cp["hierarchical_context_parallel_sizes"] = list(p.hierarchical_cp_sizes)
-    # With TE (GPU), megatron's usual fusions: weight-gradient accumulation straight into the fp32
-    # main-grad buffers, fused RoPE, fused cross-entropy (the chunked loss head has its own).
+    # With TE (GPU), megatron's usual fusions: fused RoPE, fused cross-entropy (the chunked loss
+    # head has its own), and weight-gradient accumulation straight into the fp32 main-grad buffers
+    # where apex provides the kernel megatron's output layer needs for it.
     fusions = {}
-    if use_te(cfg):
-        fusions = dict(gradient_accumulation_fusion=True, apply_rope_fusion=True,
+    if d.use_te:
+        fusions = dict(gradient_accumulation_fusion=d.gradient_accumulation_fusion, apply_rope_fusion=True,
                        cross_entropy_loss_fusion=cfg.model.loss_chunk_tokens == 0,
                        # THD packing pads each document, so micro-batches differ in token count:
                        # pipeline stages must exchange shapes before activations.
                        variable_seq_lengths=p.pipeline > 1)
-    return build_transformer_config(
-        spec,
+    return dict(
+        on_gpu=run.on_cuda,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         context_parallel_size=p.context,
         sequence_parallel=p.sequence_parallel,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=d.bf16,
+        params_dtype=d.params_dtype,
+        pipeline_dtype=d.params_dtype,
         **recompute,
         **te_cp,
         **fusions,
     )
 
 
-def check_context_parallel(cfg: Config, spec: ModelSpec) -> None:
-    """CP settings that depend on whether TE runs (known only here), checked before building."""
-    from ..parallel.context_parallel import validate_cp_config
-
-    p = cfg.parallel
-    try:
-        validate_cp_config(cp_size=p.context, seq_length=cfg.train.seq_length, use_te=use_te(cfg),
-                           cp_comm_type=cp_comm_type(cfg), hierarchical_cp_sizes=p.hierarchical_cp_sizes,
-                           num_layers=spec.num_layers, tp_size=p.tensor, sequence_parallel=p.sequence_parallel)
-    except ValueError as e:
-        raise ConfigError(f"parallel: {e}") from None
-
-
-def build_model(cfg: Config, spec: ModelSpec) -> list[DistributedDataParallel]:
+def build_model(cfg: Config, run: Run) -> list[DistributedDataParallel]:
     """This rank's model chunk, DDP-wrapped, in a list (megatron's schedule API)."""
-    config = transformer_config(cfg, spec)
+    config = transformer_config(cfg, run)
     model = build_gpt_model(
-        spec, config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        use_te=use_te(cfg),
-        attention_backend=cfg.model.attention_backend,
+        run.spec, config,
+        pre_process=run.is_first_stage,
+        post_process=run.is_last_stage,
+        use_te=run.use_te,
+        attention_backend=run.decisions.attention_backend,
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
     )
-    if cfg.model.loss_chunk_tokens and hasattr(model, "loss_chunk_tokens"):
-        model.loss_chunk_tokens = cfg.model.loss_chunk_tokens
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    model.to(run.device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -111,14 +81,18 @@ def build_model(cfg: Config, spec: ModelSpec) -> list[DistributedDataParallel]:
     return [ddp]
 
 
-def build_optimizer(cfg: Config, model: list):
+def build_optimizer(cfg: Config, run: Run, model: list):
+    """megatron's distributed optimizer (AdamW), with the project's fixes to it applied first."""
+    from . import mcore_fixes
+
+    mcore_fixes.apply()
     o = cfg.optim
-    bf16 = use_bf16(cfg)
+    bf16 = run.bf16
     return get_megatron_optimizer(
         MegatronOptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            clip_grad=o.clip_grad, bf16=bf16, params_dtype=run.params_dtype,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         ),
         model,

@@ -9,15 +9,21 @@ import torch.distributed as dist
 
 
 class PreemptionSignal:
+    """While active (``enabled``), SIGTERM / SIGUSR1 only set a flag that the loop checks at the
+    next step boundary. Disabled (``checkpoint.exit_on_signal=false``), nothing is installed, so
+    the signals keep their usual effect (SIGTERM ends the process) instead of being swallowed."""
+
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.received = False
         self._previous = {}
 
     def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
@@ -29,7 +35,10 @@ class PreemptionSignal:
         self.received = True
 
     def any_rank_received(self, device: torch.device) -> bool:
-        """Collective: true on every rank if any rank got a signal (so all save together)."""
+        """Collective when enabled: true on every rank if any rank got a signal (so all save
+        together)."""
+        if not self.enabled:
+            return False
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

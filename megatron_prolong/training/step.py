@@ -43,7 +43,7 @@ def forward_step(data_iterator: Iterator[dict], model):
 
 def train_step(model: list, optimizer, scheduler, micro_batches: Iterator[dict], *,
                num_microbatches: int, seq_length: int, micro_batch_size: int,
-               global_batch_size: int) -> StepResult:
+               global_batch_size: int, device: torch.device) -> StepResult:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -59,7 +59,7 @@ def train_step(model: list, optimizer, scheduler, micro_batches: Iterator[dict],
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=global_batch_size)
-    loss_sum, tokens = _global_loss(reduced)
+    loss_sum, tokens = _global_loss(reduced, device)
     return StepResult(
         loss=loss_sum / max(tokens, 1.0), loss_tokens=int(tokens),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
@@ -67,13 +67,12 @@ def train_step(model: list, optimizer, scheduler, micro_batches: Iterator[dict],
     )
 
 
-def _global_loss(reduced: list[dict]) -> tuple[float, float]:
+def _global_loss(reduced: list[dict], device: torch.device) -> tuple[float, float]:
     """Sum the (loss, tokens) pairs over micro-batches and DP x CP; share with every PP stage."""
     pair = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
         for item in reduced:
             pair += item["lm loss"].detach().double().cpu()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     pair = pair.to(device)
     if parallel_state.is_pipeline_last_stage():
         dist.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))

@@ -104,3 +104,44 @@ def test_print_config_resolves_overrides_and_derived_values(tmp_path):
     resolved = tmp_path / "resolved.yaml"  # the printout is itself a recipe
     resolved.write_text(out.stdout)
     assert load_config(resolved).to_dict() == cfg
+
+
+def test_config_error_under_torchrun_is_one_line_and_ends_the_output():
+    """A mistake found after start-up (TE asked for where it cannot run) is reported by rank 0
+    as one line, no rank prints a traceback, and torchrun's failure block (printed last) names
+    the same line as the root cause instead of burying it."""
+    out = _run(["--config", "examples/tiny_cpu.yaml", "model.transformer_engine=on",
+                "checkpoint.save_dir=null", "checkpoint.save_interval=0"], nproc=2, timeout=300)
+    assert out.returncode != 0
+    line = "config error: model.transformer_engine=on but"
+    printed = [t for t in out.stderr.splitlines() if t.startswith("config error:")]
+    assert len(printed) <= 1, printed  # rank 0 only (it may be stopped by torchrun before printing)
+    tail = out.stderr.strip().splitlines()[-4:]
+    assert any(line in t for t in tail), tail
+    frames = [t for t in out.stderr.splitlines() if t.strip().startswith('File "')]
+    assert not [f for f in frames if "megatron_prolong" in f or "pretrain_prolong.py" in f], frames
+
+
+def test_sigterm_is_not_swallowed_when_exit_on_signal_is_off(tmp_path):
+    """With checkpoint.exit_on_signal=false the trainer installs no handler: SIGTERM ends it at
+    once (a swallowed signal would let it train on to step 500)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "pretrain_prolong.py", "--config", "examples/tiny_cpu.yaml",
+                             "train.steps=500", "train.seq_length=64", "checkpoint.exit_on_signal=false",
+                             f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step      2/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        t0 = time.time()
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert time.time() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "latest_checkpointed_iteration.txt").exists()

@@ -23,7 +23,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_every_example_recipe_loads():
     from pathlib import Path
 
-    recipes = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
+    recipes = sorted(Path(__file__).resolve().parents[1].glob("examples/*.yaml"))
     assert recipes
     for recipe in recipes:
         load_config(recipe, ["data.mock=true", "data.blend=null", "data.mixture=null", "data.data_prefix=null",

@@ -21,23 +21,22 @@ BASE = ["model.name=llama3-debug", "data.mock=true", "train.device=cpu", "train.
 
 def _main_weights_after_init_from(init_dir: str):
     from megatron_prolong.config import load_config
-    from megatron_prolong.parallel import destroy, initialize
-    from megatron_prolong.training.checkpoint import save_checkpoint
+    from megatron_prolong.parallel import destroy
+    from megatron_prolong.training.checkpoint import Checkpointer, save_checkpoint
+    from megatron_prolong.training.run import resolve_run
     from megatron_prolong.training.setup import build_model, build_optimizer
-    from megatron_prolong.training.trainer import restore
 
-    initialize(device="cpu", seed=1)
-    cfg = load_config(None, BASE)
-    spec = cfg.model.spec()
-    source = build_model(cfg, spec)
-    save_checkpoint(init_dir, 0, source, model_spec=spec)  # the weights to start from
+    cfg = load_config(None, BASE + ["train.seed=1"])
+    run = resolve_run(cfg)
+    source = build_model(cfg, run)
+    save_checkpoint(init_dir, 0, source, model_spec=run.spec)  # the weights to start from
     reference = {n: t.detach().clone() for n, t in source[0].module.state_dict().items() if "extra_state" not in n}
 
-    initialize(device="cpu", seed=2)  # a different random initialisation
-    cfg = load_config(None, BASE + [f"checkpoint.init_from={init_dir}"])
-    model = build_model(cfg, spec)
-    optimizer = build_optimizer(cfg, model)
-    restore(cfg, model, optimizer, scheduler=None)
+    cfg = load_config(None, BASE + ["train.seed=2", f"checkpoint.init_from={init_dir}"])  # another random init
+    run = resolve_run(cfg)
+    model = build_model(cfg, run)
+    optimizer = build_optimizer(cfg, run, model)
+    Checkpointer(cfg, run, model, optimizer, scheduler=None).restore()
     for sub in optimizer.chained_optimizers:  # what every optimizer step ends with
         sub._copy_main_params_to_model_params()
     after = model[0].module.state_dict()

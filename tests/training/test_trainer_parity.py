@@ -25,14 +25,14 @@ BASE = [
 
 def _write_initial_weights(path: str):
     from megatron_prolong.config import load_config
-    from megatron_prolong.parallel import destroy, initialize
+    from megatron_prolong.parallel import destroy
     from megatron_prolong.training.checkpoint import save_checkpoint
+    from megatron_prolong.training.run import resolve_run
     from megatron_prolong.training.setup import build_model
 
-    cfg = load_config(None, BASE)
-    initialize(device="cpu", seed=7)
-    spec = cfg.model.spec()
-    save_checkpoint(path, 0, build_model(cfg, spec), model_spec=spec)
+    cfg = load_config(None, BASE + ["train.seed=7"])
+    run = resolve_run(cfg)
+    save_checkpoint(path, 0, build_model(cfg, run), model_spec=run.spec)
     destroy()
 
 

@@ -1,0 +1,114 @@
+"""The run record decides device, precision, TE, attention kernel and CP comm once, from the config
+and the machine; simulated machines (a CUDA host, TE versions, apex) through monkeypatching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_prolong import platform
+from megatron_prolong.config import ConfigError, load_config
+from megatron_prolong.training import run as run_mod
+
+BASE = ["data.mock=true", "train.global_batch_size=8", "model.name=llama3-debug"]
+
+
+@pytest.fixture
+def cuda_host(monkeypatch):
+    """A machine that reports a GPU, TE 2.11 and no apex."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(platform, "te_version", lambda: (2, 11))
+    monkeypatch.setattr(platform, "fused_wgrad_available", lambda: False)
+
+
+def _decide(overrides):
+    cfg = load_config(None, BASE + overrides)
+    return cfg, run_mod.decide_for_machine(cfg)
+
+
+def test_cpu_device_on_a_cuda_host_is_fp32_and_portable(cuda_host):
+    _, d = _decide(["train.device=cpu"])
+    assert d.device_type == "cpu"
+    assert not d.bf16 and d.params_dtype == torch.float32
+    assert not d.use_te and d.attention_backend == "sdpa"
+
+
+def test_auto_on_a_cuda_host_with_te_is_bf16_te_p2p(cuda_host):
+    _, d = _decide(["parallel.context=2"])
+    assert d.device_type == "cuda" and d.bf16 and d.use_te
+    assert d.attention_backend == "te" and d.cp_comm_type == "p2p"
+
+
+def test_portable_path_on_cuda(cuda_host):
+    _, d = _decide(["model.transformer_engine=off", "parallel.context=2"])
+    assert d.bf16 and not d.use_te and d.attention_backend == "flex" and d.cp_comm_type == "all_gather"
+
+
+def test_gradient_accumulation_fusion_needs_apex(cuda_host, monkeypatch):
+    from megatron_prolong.training.setup import transformer_config_overrides
+
+    cfg, d = _decide([])
+    assert d.use_te and not d.gradient_accumulation_fusion
+    run = _fake_run(cfg, d)
+    assert transformer_config_overrides(cfg, run)["gradient_accumulation_fusion"] is False
+    monkeypatch.setattr(platform, "fused_wgrad_available", lambda: True)
+    cfg, d = _decide([])
+    assert transformer_config_overrides(cfg, _fake_run(cfg, d))["gradient_accumulation_fusion"] is True
+
+
+def test_cpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, d = _decide([])
+    assert d.device_type == "cpu" and not d.bf16 and not d.use_te and d.cp_comm_type == "all_gather"
+    with pytest.raises(ConfigError, match="train.device=cuda was asked for but torch sees no GPU"):
+        _decide(["train.device=cuda"])
+    with pytest.raises(ConfigError, match="transformer_engine=on but Transformer Engine is not importable"):
+        _decide(["model.transformer_engine=on"])
+
+
+def test_te_on_with_cpu_device_is_refused(cuda_host):
+    with pytest.raises(ConfigError, match="TE kernels need CUDA"):
+        _decide(["model.transformer_engine=on", "train.device=cpu"])
+
+
+@pytest.mark.parametrize("overrides, te, message", [
+    # TE's all-gather CP asserts on THD / padding masks before 2.18 (every recipe used to default to it).
+    (["parallel.context=2", "parallel.cp_comm_type=all_gather"], (2, 11), "needs TE >= 2.18"),
+    (["parallel.context=2", "parallel.cp_comm_type=a2a"], (2, 9), "needs TE >= 2.10"),
+    (["parallel.context=4", "parallel.cp_comm_type=a2a+p2p", "parallel.hierarchical_cp_sizes=[2, 2]"], (2, 11),
+     "needs no TE release"),
+    # 8B at TP 2: 4 KV heads per TP rank cannot be scattered over CP 16 (the 512K layout).
+    (["model.name=llama3-8b", "parallel.tensor=2", "parallel.context=16", "parallel.cp_comm_type=a2a",
+      "train.seq_length=524288", "train.global_batch_size=16"], (2, 11), "4 per TP rank must be divisible by CP 16"),
+])
+def test_te_cp_combinations_refused_up_front(cuda_host, monkeypatch, overrides, te, message):
+    monkeypatch.setattr(platform, "te_version", lambda: te)
+    cfg, d = _decide(overrides)
+    with pytest.raises(ConfigError, match=message):
+        run_mod.validate_decisions(cfg, d, cfg.model.spec())
+
+
+def test_recipes_pass_the_te_checks(cuda_host):
+    """The shipped long-context recipes (CP > 1) resolve to a comm type TE 2.11 supports."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("prolong_64k.yaml", "prolong_512k.yaml", "prolong_sft.yaml"):
+        cfg = load_config(root / "examples" / name, ["data.mixture=null", "data.data_prefix=null",
+                                                      "data.mock=true", "checkpoint.init_from=null"])
+        d = run_mod.decide_for_machine(cfg)
+        assert d.use_te and cfg.parallel.context > 1
+        run_mod.validate_decisions(cfg, d, cfg.model.spec())
+
+
+def test_pad_token_outside_the_vocabulary_is_a_config_error():
+    cfg = load_config(None, BASE + ["data.pad_token_id=512"])
+    d = run_mod.decide(cfg, device="cpu", te_version=None, fused_wgrad=False)
+    with pytest.raises(ConfigError, match="outside the vocabulary of llama3-debug"):
+        run_mod.validate_decisions(cfg, d, cfg.model.spec())
+
+
+def _fake_run(cfg, decisions):
+    return run_mod.Run(decisions=decisions, device=torch.device("cpu"), spec=cfg.model.spec(), spec_source="registry",
+                       world_size=1, tp_rank=0, pp_rank=0, cp_rank=0, dp_rank=0, dp_size=1,
+                       is_first_stage=True, is_last_stage=True)
