@@ -24,7 +24,7 @@ from .data.config import DataConfig
 from .models.registry import ModelSpec, get_model_spec, list_models
 from .parallel.cp_layout import CP_COMM_TYPES, check_seq_length
 
-OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+OPTIMIZER_FORMATS = ("parallel_reshardable", "fully_reshardable", "dp_reshardable")
 
 
 class ConfigError(ValueError):
@@ -192,12 +192,14 @@ class CheckpointConfig:
     """Delete older checkpoints, keeping this many (0 keeps all)."""
     exit_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (Slurm pre-emption), save after the current step and exit."""
-    optimizer_format: str = "fully_reshardable"
-    """Distributed-optimizer state on disk. ``fully_reshardable``: resumable at any TP/PP/CP/DP
-    layout; each model shard's optimizer state is gathered to save and read whole to load (about
-    48 GB of host memory per rank for 8B at TP 2). ``dp_reshardable``: every rank writes its own
-    shard, in parallel; a resume may change DP only. Model weights are always reshardable
-    (``init_from``)."""
+    optimizer_format: str = "parallel_reshardable"
+    """Distributed-optimizer state on disk. ``parallel_reshardable``: every rank writes and reads
+    its share of the state in parallel (per-parameter tensors, each written by one data-parallel
+    rank), and a resume may use any TP/PP/CP/DP layout (``training/optimizer_state.py``).
+    ``fully_reshardable`` (megatron's): any layout too, but each model shard's whole optimizer
+    state is gathered onto every rank to save and read whole to load (about 48 GB per rank for 8B
+    at TP 2). ``dp_reshardable`` (megatron's): parallel, but a resume may change DP only. Model
+    weights are always reshardable (``init_from``)."""
 
     def __post_init__(self):
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")

@@ -29,9 +29,12 @@ from ..checkpoint_layout import (LATEST_FILE, META_FILE, CheckpointError, encode
                                  iteration_dir, latest_iteration, list_iterations, model_spec_from_meta,
                                  partial_dir, read_checkpoint_meta, write_atomic, write_checkpoint_meta)
 from ..models.registry import ModelSpec
+from . import optimizer_state
 
-DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+DEFAULT_OPTIMIZER_FORMAT = optimizer_state.FORMAT
 LEGACY_OPTIMIZER_FORMAT = "fully_reshardable"
+PLAIN_OPTIMIZER_FORMAT = "plain"
+"""Recorded for runs with ``parallel.distributed_optimizer=false``."""
 """What checkpoints written before the format was recorded hold."""
 
 
@@ -75,13 +78,24 @@ def _sharded_state(model, optimizer, scheduler, *, is_loading: bool, with_rng: b
     if optimizer is not None:
         if is_loading:
             _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
+        if optimizer_format == optimizer_state.FORMAT:
+            state["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=is_loading)
+        else:
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
         if with_rng:
             state["rng_state"] = _rng_state()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     return state
+
+
+def stored_optimizer_format(optimizer, requested: str) -> str:
+    """The format actually written: the requested one for megatron's distributed optimizer;
+    megatron's own per-parameter state for the plain (non-distributed) optimizer, which has no
+    formats to choose from."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return requested if all(hasattr(sub, "gbuf_ranges") for sub in subs) else PLAIN_OPTIMIZER_FORMAT
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -108,6 +122,8 @@ def save_checkpoint(
     root = Path(save_dir)
     final = iteration_dir(root, iteration)
     partial = partial_dir(root, iteration)
+    if optimizer is not None:
+        optimizer_format = stored_optimizer_format(optimizer, optimizer_format)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
@@ -163,13 +179,22 @@ def load_checkpoint(
             f"{ckpt} holds dp_reshardable optimizer state saved at {meta['parallel']}; it resumes only at "
             f"the same TP/PP/CP ({_model_parallel_layout()} now). Resume at that layout, or start from its "
             "weights alone with checkpoint.init_from (the optimizer state is then fresh)")
+    if optimizer is not None and (optimizer_format == PLAIN_OPTIMIZER_FORMAT) != (
+            stored_optimizer_format(optimizer, DEFAULT_OPTIMIZER_FORMAT) == PLAIN_OPTIMIZER_FORMAT):
+        raise CheckpointError(
+            f"{ckpt} holds {optimizer_format} optimizer state, which does not fit this run's optimizer; set "
+            "parallel.distributed_optimizer as in the run that saved it, or start from its weights alone "
+            "with checkpoint.init_from")
     state = dist_checkpointing.load(
         _sharded_state(model, optimizer, scheduler, is_loading=True, with_rng=same_layout,
                        optimizer_format=optimizer_format), str(ckpt))
     _unwrap(model[0]).load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
         with torch.no_grad():  # megatron's dp_reshardable path copies into parameter views
-            optimizer.load_state_dict(state["optimizer"])
+            if optimizer_format == optimizer_state.FORMAT:
+                optimizer_state.load_state_dict(optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
         if same_layout:
             _set_rng_state(state["rng_state"])
     if scheduler is not None:

@@ -125,3 +125,28 @@ def test_dp_reshardable_optimizer_state_resumes_exactly(init_ckpt, reference, tm
     assert all(r.interrupted and r.iteration == 2 for r in first)
     second = run_distributed(_train, 2, (save,))
     assert second[0].losses[3] == pytest.approx(reference.losses[3], rel=2e-5)
+
+
+@pytest.mark.parametrize("save_layout, resume_layout, resume_ranks", [
+    ([], ["parallel.tensor=2"], 2),  # DP 2 -> TP 2
+    (["parallel.tensor=2"], [], 1),  # TP 2 -> one rank
+], ids=["dp2-to-tp2", "tp2-to-single"])
+def test_parallel_reshardable_optimizer_state_resumes_at_another_layout(init_ckpt, reference, tmp_path,
+                                                                        save_layout, resume_layout, resume_ranks):
+    """The default optimizer format (each data-parallel rank writes its share of every parameter's
+    Adam state, in parallel) resumes exactly at a different TP / DP layout. Saved after step 1, so
+    step 2's update uses the restored Adam moments and step 3's loss shows whether they were right."""
+    base = [f"checkpoint.init_from={init_ckpt}", f"checkpoint.save_dir={tmp_path}"]
+    first = run_distributed(_train, 2, (base + save_layout + ["train.exit_at_step=1"],))
+    assert all(r.interrupted and r.iteration == 1 for r in first)
+    meta = (tmp_path / "iter_0000001" / "prolong_meta.json").read_text()
+    assert '"optimizer_format": "parallel_reshardable"' in meta
+    if not save_layout:  # DP 2: both ranks write (weights are DP replicas: rank 0 writes them)
+        written = {0: 0, 1: 0}  # bytes per writing rank: files are __{rank}_{thread}.distcp
+        for f in (tmp_path / "iter_0000001").glob("__*_*.distcp"):
+            written[int(f.name[2:].split("_")[0])] += f.stat().st_size
+        assert min(written.values()) > 0.3 * max(written.values()), written
+    second = run_distributed(_train, resume_ranks, (base + resume_layout,))
+    assert sorted(second[0].losses) == [2, 3]
+    for step in (2, 3):
+        assert second[0].losses[step] == pytest.approx(reference.losses[step], rel=2e-5), step
