@@ -33,5 +33,8 @@ setup(
         "parquet": ["pyarrow"],
         # Built from source (no PyPI wheels); the NGC PyTorch image ships them preinstalled.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # FlashAttention-4 (pure Python on nvidia-cutlass-dsl, Hopper/Blackwell) for
+        # model.attention_backend=fa4; only pre-releases exist (the API used was read in 4.0.0b36).
+        "fa4": ["flash-attn-4>=4.0.0b36"],
     },
 )

@@ -17,17 +17,21 @@ local ``DotProductAttention`` refuses it. Each CP rank holds two "zigzag" chunks
 2. computes the global position of every local query and of every gathered key;
 3. attends local queries to all keys with ``mask = (pos_q >= pos_k) & (doc[pos_q] == doc[pos_k])``.
 
-Kernels: on CUDA ``flex_attention`` (compiled, block-sparse mask from the same predicate) with a
-fallback to SDPA + boolean mask; on CPU SDPA + boolean mask (flex_attention has no CPU backward).
+Kernels (``backend``, ``model.attention_backend``; ``megatron_prolong.attention.ATTENTION_BACKENDS``):
+``flex`` (compiled ``flex_attention``, block-sparse mask from the same predicate, ``flex.py``),
+``varlen`` / ``fa4`` (FlashAttention varlen kernels on ``cu_seqlens`` pieces, ``varlen.py``),
+``sdpa`` (SDPA + dense boolean mask; the CPU path: flex_attention has no CPU backward); ``auto``
+is flex on CUDA, sdpa on CPU. A kernel that is not available fails at construction
+(``backends.py``); a kernel that fails at run time raises, it is never swapped for another.
+The prepared mask / block mask / cu_seqlens are cached per micro-batch (``layout_cache.py``).
 A query row with no allowed key (impossible with causal + same document, guarded anyway)
 returns zeros, never NaN.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -38,11 +42,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from . import ATTENTION_BACKENDS as _BACKENDS
-from ..parallel.cp_layout import PORTABLE_CP_COMM_TYPES, gathered_positions, zigzag_positions  # noqa: F401
-
-log = logging.getLogger(__name__)
-
+from ..parallel.cp_layout import PORTABLE_CP_COMM_TYPES, gathered_positions, zigzag_positions
+from .backends import CUDA_ONLY, AttentionBackendUnavailable, check_backend, resolve_backend
+from .flex import document_block_mask, flex_document_attention
+from .layout_cache import LayoutCache
+from .varlen import KERNELS as VARLEN_KERNELS
+from .varlen import varlen_document_attention, varlen_plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +84,7 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Masks
+# Masks and kernels
 # ----------------------------------------------------------------------------------------------
 
 
@@ -94,55 +99,44 @@ def document_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor,
     return mask
 
 
-class _MaskCache:
-    """Per-forward cache of the mask, keyed by the identity of the doc-id tensor (all layers of a
-    forward get the same ``attention_mask`` object)."""
-
-    def __init__(self):
-        self.key = None
-        self.ref = None
-        self.value = None
-
-    def get(self, doc_ids, key):
-        if self.key == key and (doc_ids is None or (self.ref is not None and self.ref() is doc_ids)):
-            return self.value
-        return None
-
-    def put(self, doc_ids, key, value):
-        self.key = key
-        self.ref = weakref.ref(doc_ids) if doc_ids is not None else None
-        self.value = value
+# One cache per kind of prepared layout. The dense SDPA mask is large (sq x sk bytes per sample):
+# keep one; block masks and cu_seqlens are small: keep a few for pipeline schedules, where the
+# backward of one micro-batch follows the forward of the next ones.
+CACHES = {"sdpa": LayoutCache(1), "flex": LayoutCache(4), "varlen": LayoutCache(4)}
 
 
-_SDPA_CACHE = _MaskCache()
-_FLEX_CACHE = _MaskCache()
-_FLEX_STATE = {"fn": None, "failed": False}
+def clear_caches() -> None:
+    for c in CACHES.values():
+        c.clear()
 
 
-def _flex_attention_fn():
-    if _FLEX_STATE["fn"] is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX_STATE["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_STATE["fn"]
+def _cached(kind: str, use_cache: bool, doc_ids, q_pos, k_pos, batch: int, device, build):
+    if not use_cache:
+        return build()
+    return CACHES[kind].get_or_build((doc_ids, q_pos, k_pos), (batch, str(device)), build)
 
 
-def _flex_block_mask(q_pos, k_pos, doc_ids, batch):
-    from torch.nn.attention.flex_attention import create_block_mask
+def sdpa_mask(q_pos, k_pos, doc_ids):
+    """(boolean mask, rows with no allowed key or None) for SDPA."""
+    mask = document_causal_mask(q_pos, k_pos, doc_ids)
+    empty_rows = ~mask.any(-1, keepdim=True)
+    if bool(empty_rows.any()):
+        return mask | empty_rows, empty_rows  # attend to everything, zeroed after the kernel
+    return mask, None
 
-    if doc_ids is None:
-        def mask_mod(b, h, q, kv):
-            return q_pos[q] >= k_pos[kv]
-        bsz = None
-    else:
-        dq = doc_ids.index_select(1, q_pos).contiguous()
-        dk = doc_ids.index_select(1, k_pos).contiguous()
 
-        def mask_mod(b, h, q, kv):
-            return (q_pos[q] >= k_pos[kv]) & (dq[b, q] == dk[b, kv])
-        bsz = batch
-    return create_block_mask(mask_mod, bsz, None, q_pos.numel(), k_pos.numel(), device=q_pos.device,
-                             _compile=True)
+def _sdpa_attention(q, k, v, doc, q_pos, k_pos, softmax_scale, dropout_p, cache):
+    mask, empty_rows = _cached("sdpa", cache, doc, q_pos, k_pos, q.shape[0], q.device,
+                               lambda: sdpa_mask(q_pos, k_pos, _on(doc, q.device)))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                         scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows, 0.0)
+    return out
+
+
+def _on(doc, device):
+    return None if doc is None else doc.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,59 +156,57 @@ def document_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     cache: bool = True,
-    mask_key: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Masked attention on ``[b, h, s, d]`` tensors (K/V may have fewer, GQA, heads).
 
     ``q_pos`` / ``k_pos``: global positions of the queries / keys; ``doc_ids``: ``[b, S]``
-    document ids indexed by global position (None: one document).
+    document ids indexed by global position (None: one document), on any device.
+    ``cache``: reuse the mask / block mask / cu_seqlens prepared for the same ``doc_ids``,
+    ``q_pos`` and ``k_pos`` storages (``layout_cache``); pass the same position tensors every
+    layer to benefit. Errors of a kernel propagate: there is no silent fallback to a dense mask.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"attention backend must be one of {_BACKENDS}, got {backend!r}")
-    gqa = q.shape[1] != k.shape[1]
-    if mask_key is None:  # identifies the (q_pos, k_pos) layout; the module passes (S, cp, rank)
-        mask_key = (int(q_pos[0]),)
-    key = (q_pos.numel(), k_pos.numel(), q.shape[0], str(q.device)) + tuple(mask_key)
-    use_flex = (backend == "flex" or (backend == "auto" and q.is_cuda)) and not _FLEX_STATE["failed"] \
-        and dropout_p == 0.0
-    if use_flex:
-        try:
-            block_mask = _FLEX_CACHE.get(doc_ids, key) if cache else None
-            if block_mask is None:
-                block_mask = _flex_block_mask(q_pos, k_pos, doc_ids, q.shape[0])
-                if cache:
-                    _FLEX_CACHE.put(doc_ids, key, block_mask)
-            # Fully masked rows come out as 0 from flex_attention (no NaN).
-            return _flex_attention_fn()(q, k, v, block_mask=block_mask, scale=softmax_scale,
-                                        enable_gqa=gqa)
-        except Exception as exc:  # pragma: no cover - GPU only
-            if backend == "flex":
-                raise
-            _FLEX_STATE["failed"] = True
-            log.warning("flex_attention failed (%s); falling back to SDPA with a boolean mask", exc)
-
-    entry = _SDPA_CACHE.get(doc_ids, key) if cache else None
-    if entry is None:
-        mask = document_causal_mask(q_pos, k_pos, doc_ids)
-        empty_rows = ~mask.any(-1, keepdim=True)
-        if bool(empty_rows.any()):
-            mask = mask | empty_rows  # attend to everything, zeroed below
-        else:
-            empty_rows = None
-        entry = (mask, empty_rows)
-        if cache:
-            _SDPA_CACHE.put(doc_ids, key, entry)
-    mask, empty_rows = entry
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                         scale=softmax_scale, enable_gqa=gqa)
-    if empty_rows is not None:
-        out = out.masked_fill(empty_rows, 0.0)
-    return out
+    kind = resolve_backend(backend, q.device.type, dropout_p)
+    if kind in CUDA_ONLY and not q.is_cuda:
+        raise AttentionBackendUnavailable(f"attention backend {kind!r} runs on CUDA only (got {q.device} "
+                                          "tensors); use auto or sdpa on CPU")
+    if dropout_p > 0.0 and kind != "sdpa":
+        raise ValueError(f"attention backend {kind!r} has no attention dropout (got {dropout_p}); use sdpa")
+    b = q.shape[0]
+    if kind == "sdpa":
+        return _sdpa_attention(q, k, v, doc_ids, q_pos, k_pos, softmax_scale, dropout_p, cache)
+    try:
+        if kind == "flex":
+            block_mask = _cached("flex", cache, doc_ids, q_pos, k_pos, b, q.device,
+                                 lambda: document_block_mask(q_pos, k_pos, _on(doc_ids, q.device)))
+            return flex_document_attention(q, k, v, block_mask, softmax_scale)
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"attention backend {kind!r} (FlashAttention) takes bf16 or fp16, got {q.dtype}; "
+                            "use flex or sdpa for fp32")
+        plan = _cached("varlen", cache, doc_ids, q_pos, k_pos, b, q.device,
+                       lambda: varlen_plan(_on(doc_ids, q.device), q_pos, k_pos, b))
+        return varlen_document_attention(q, k, v, plan, softmax_scale, VARLEN_KERNELS[kind])
+    except Exception as exc:
+        # Say where it happened and what else there is; never switch kernels behind the user's back
+        # (a dense SDPA mask is S_local x S bytes per sample: 16 GiB at 512K tokens / CP 16).
+        exc.add_note(f"portable attention: backend {kind!r} failed on q {tuple(q.shape)} {q.dtype} against "
+                     f"{k.shape[2]} keys; other kernels: model.attention_backend=flex|varlen|fa4|sdpa")
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
 # The megatron module
 # ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def layer_positions(seq_length: int, cp_size: int, cp_rank: int, device: torch.device):
+    """(query, key) global positions of a CP rank, the same tensors for every layer and step (the
+    mask caches key on them)."""
+    if cp_size == 1:
+        pos = torch.arange(seq_length, device=device)
+        return pos, pos
+    return (zigzag_positions(seq_length, cp_size, cp_rank, device=device),
+            gathered_positions(seq_length, cp_size, device=device))
 
 
 class PortableCoreAttention(MegatronModule):
@@ -261,8 +253,8 @@ class PortableCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.backend = backend or "auto"
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"attention backend must be one of {_BACKENDS}, got {self.backend!r}")
+        # An unavailable kernel fails here, at model build, saying what to install or choose.
+        check_backend(self.backend, dropout_p=self.dropout_p)
 
     def forward(
         self,
@@ -294,16 +286,12 @@ class PortableCoreAttention(MegatronModule):
         if self.cp_size > 1:
             key = gather_sequence(key, self.cp_group)
             value = gather_sequence(value, self.cp_group)
-            q_pos = zigzag_positions(seq_length, self.cp_size, self.cp_rank, device=query.device)
-            k_pos = gathered_positions(seq_length, self.cp_size, device=query.device)
-        else:
-            q_pos = k_pos = torch.arange(s_local, device=query.device)
+        q_pos, k_pos = layer_positions(seq_length, self.cp_size, self.cp_rank, query.device)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        doc = attention_mask.to(q.device) if attention_mask is not None else None
+        # the doc ids go in as given (the caches key on their storage; the kernels move them)
         out = document_attention(
-            q, k, v, doc, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
+            q, k, v, attention_mask, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
-            mask_key=(seq_length, self.cp_size, self.cp_rank),
         )
         # [b, h, s, d] -> [s, b, h*d]
         b, h, s, d = out.shape

@@ -185,3 +185,77 @@ def quiet():
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel-level helpers: ragged documents, a blocked reference, context parallelism on one device
+# ----------------------------------------------------------------------------------------------
+
+
+def ragged_doc_ids(batch: int, seq: int, seed: int = 0, max_doc: int = 0, device="cpu") -> torch.Tensor:
+    """``[batch, seq]`` non-decreasing document ids of random lengths in 1..max_doc (default
+    seq // 3: some documents longer than a CP chunk), plus one 1-token document per sample."""
+    g = torch.Generator().manual_seed(seed)
+    max_doc = max_doc or max(2, seq // 3)
+    rows = []
+    for _ in range(batch):
+        lens, left = [1], seq - 1
+        while left > 0:
+            n = min(left, int(torch.randint(1, max_doc + 1, (1,), generator=g)))
+            lens.append(n)
+            left -= n
+        perm = torch.randperm(len(lens), generator=g)
+        lens = torch.tensor(lens)[perm]
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), lens))
+    return torch.stack(rows).to(device)
+
+
+def blocked_reference(q, k, v, doc_ids, softmax_scale, dout, block: int = 512, dtype=torch.float32):
+    """Full-sequence document-causal attention and its gradients, SDPA one query block at a time
+    (never the whole ``S x S`` mask or score matrix). ``q`` ``[b, h, S, d]``, ``k``/``v``
+    ``[b, hkv, S, d]``; returns ``out, dq, dk, dv`` in ``dtype``."""
+    import torch.nn.functional as F
+
+    S = q.shape[2]
+    q, k, v, dout = (t.detach().to(dtype) for t in (q, k, v, dout))
+    k_leaf, v_leaf = k.clone().requires_grad_(), v.clone().requires_grad_()
+    pos = torch.arange(S, device=q.device)
+    outs, dqs = [], []
+    for s in range(0, S, block):
+        e = min(S, s + block)
+        qb = q[:, :, s:e].clone().requires_grad_()
+        kb, vb = k_leaf[:, :, :e], v_leaf[:, :, :e]  # causal: nothing after the block is needed
+        mask = (pos[s:e, None] >= pos[None, :e])[None, None]
+        if doc_ids is not None:
+            mask = mask & (doc_ids[:, s:e, None] == doc_ids[:, None, :e])[:, None]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=softmax_scale,
+                                            enable_gqa=q.shape[1] != k.shape[1])
+        ob.backward(dout[:, :, s:e])
+        outs.append(ob.detach())
+        dqs.append(qb.grad)
+    return torch.cat(outs, 2), torch.cat(dqs, 2), k_leaf.grad, v_leaf.grad
+
+
+def simulate_cp(attend, q, k, v, dout, cp: int):
+    """Run ``attend(q_r, k_g, v_g, q_pos, k_pos)`` as each of ``cp`` zigzag ranks would (local
+    queries, keys all-gathered in rank order) and reassemble the full-sequence output and
+    gradients (dK/dV summed over ranks, as the reduce-scatter does), in fp32 (so that the sum
+    over ranks adds no rounding of its own)."""
+    from megatron_prolong.parallel.cp_layout import gathered_positions, zigzag_positions
+
+    S = q.shape[2]
+    out, dq = torch.zeros_like(q, dtype=torch.float32), torch.zeros_like(q, dtype=torch.float32)
+    dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
+    k_pos = gathered_positions(S, cp, device=q.device)
+    for r in range(cp):
+        q_pos = zigzag_positions(S, cp, r, device=q.device)
+        q_r = q[:, :, q_pos].detach().requires_grad_()
+        k_g = k[:, :, k_pos].detach().requires_grad_()
+        v_g = v[:, :, k_pos].detach().requires_grad_()
+        o = attend(q_r, k_g, v_g, q_pos, k_pos)
+        o.backward(dout[:, :, q_pos])
+        out[:, :, q_pos] = o.detach().float()
+        dq[:, :, q_pos] = q_r.grad.float()
+        dk[:, :, k_pos] += k_g.grad.float()
+        dv[:, :, k_pos] += v_g.grad.float()
+    return out, dq, dk, dv

@@ -1,5 +1,6 @@
 """Single-process unit tests: zigzag layout, masks, NaN guard, THD padding / partitioning, config
-validation, the batch split, and the TE path (skipped without TE + GPU)."""
+validation, the batch split, and the TE path (skipped without TE + GPU). The kernels:
+test_kernels.py (CPU) and test_kernels_gpu.py (CUDA)."""
 
 from __future__ import annotations
 
@@ -131,26 +132,3 @@ def test_te_partition_matches_pure_torch():
     for r in range(4):
         te_idx = tex.thd_get_partitioned_indices(cu, p["tokens"].shape[1], 4, r).cpu()
         assert torch.equal(te_idx.long(), thd_partition_indices(p["cu_seqlens_padded"], p["tokens"].shape[1], 4, r))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention backward needs CUDA")
-def test_flex_matches_sdpa_on_gpu():
-    torch.manual_seed(0)
-    S = 512
-    q = torch.randn(2, 4, S // 2, 64, device="cuda", requires_grad=True)
-    k = torch.randn(2, 2, S, 64, device="cuda", requires_grad=True)
-    v = torch.randn(2, 2, S, 64, device="cuda", requires_grad=True)
-    doc = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor([200, 250, 62])),
-                       torch.zeros(S, dtype=torch.long)]).cuda()
-    qp, kp = zigzag_positions(S, 2, 1, "cuda"), gathered_positions(S, 2, "cuda")
-    outs, grads = [], []
-    for backend in ("flex", "sdpa"):
-        out = document_attention(q, k, v, doc, q_pos=qp, k_pos=kp, softmax_scale=0.125, backend=backend,
-                                 cache=False)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append([t.grad.clone() for t in (q, k, v)])
-        q.grad = k.grad = v.grad = None
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
