@@ -21,6 +21,8 @@ from .hf_config import check_against_registry, spec_from_hf_config, spec_to_dict
 from .layout import LATEST_FILE, META_FILE, check_output_dir, iteration_dir, staged_output
 from .progress import Progress
 from .safetensors_stream import TensorEntry, read_header, read_tensor
+from .token_ids import META_KEY as GENERATION_META_KEY
+from .token_ids import read_hf_generation
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -108,10 +110,11 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
             "dtype": str(dtype).replace("torch.", ""),
             "converted_from": {"format": "huggingface", "path": str(hf_dir.resolve()),
                                "rope_theta_in_source": hf_cfg.get("rope_theta")},
+            # Token ids and generation config (eos!) for megatron-to-hf: see token_ids.py.
+            GENERATION_META_KEY: read_hf_generation(hf_dir),
         }
         write_json_atomic(ckpt / META_FILE, meta)
-        # Keep the source config: megatron-to-hf can restore token ids from it.
-        shutil.copy2(hf_dir / "config.json", ckpt / "hf_config.json")
+        shutil.copy2(hf_dir / "config.json", ckpt / "hf_config.json")  # the source config, for reference
         (tmp / LATEST_FILE).write_text("0\n")
     progress.done()
     return spec
