@@ -4,8 +4,9 @@
 per-token losses ``[b, s]`` (fp32) of ``softmax(hidden @ weight.T)`` without materialising the
 ``[s*b, V]`` logits: the forward computes the logits of ``N`` tokens at a time and keeps only
 each token's log-sum-exp; the backward recomputes each chunk's logits and turns them into
-``d hidden`` and ``d weight`` right away. Peak extra memory: one ``[N, V/tp]`` fp32 chunk (plus its
-softmax) instead of ``[s*b, V/tp]``.
+``d hidden`` and ``d weight`` right away. Peak extra memory: one ``[N, V/tp]`` fp32 chunk buffer
+(logits, turned in place into the softmax and its gradient) plus that chunk in the weight's dtype
+(the GEMM output, then ``d logits``), instead of ``[s*b, V/tp]`` logits; memory_plan.py counts it.
 
 Tensor parallelism: ``weight`` is the vocab-parallel shard of this rank (megatron's
 ``output_layer``); the max / target logit / sum-exp are all-reduced over the TP group, the same
@@ -96,7 +97,7 @@ def _ddp_main_grad(weight: torch.Tensor):
 
 
 def _chunk_stats(h, weight, target, vocab_start, vocab_end, group, world):
-    """fp32 logits of one chunk, its global log-sum-exp and target logit."""
+    """Global log-sum-exp and target logit of one chunk (from its fp32 logits)."""
     logits = _upcast(h @ weight.t())
     lmax = logits.max(dim=-1).values
     if world > 1:
@@ -104,13 +105,13 @@ def _chunk_stats(h, weight, target, vocab_start, vocab_end, group, world):
     in_shard = (target >= vocab_start) & (target < vocab_end)
     local_t = (target - vocab_start).clamp(0, logits.shape[-1] - 1)
     pred = logits.gather(1, local_t[:, None]).squeeze(1) * in_shard
-    sumexp = torch.exp(logits - lmax[:, None]).sum(-1)
+    sumexp = logits.sub_(lmax[:, None]).exp_().sum(-1)  # in place: one [chunk, v_local] buffer
     if world > 1:
         both = torch.stack([pred, sumexp])
         dist.all_reduce(both, group=group)
         pred, sumexp = both[0], both[1]
     lse = torch.log(sumexp) + lmax
-    return logits, lse, pred, in_shard, local_t
+    return lse, pred
 
 
 class _ChunkedVocabParallelCE(torch.autograd.Function):
@@ -126,7 +127,7 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         lses = torch.empty(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk_tokens):
             e = min(n, s + chunk_tokens)
-            _, lse, pred, _, _ = _chunk_stats(hidden[s:e], weight, target[s:e], vocab_start, vocab_end,
+            lse, pred = _chunk_stats(hidden[s:e], weight, target[s:e], vocab_start, vocab_end,
                                               group, world)
             losses[s:e] = lse - pred
             lses[s:e] = lse
@@ -152,20 +153,21 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         for s in range(0, n, ctx.chunk_tokens):
             e = min(n, s + ctx.chunk_tokens)
             h = hidden[s:e]
-            logits = _upcast(h @ weight.t())
-            probs = torch.exp(logits - lses[s:e, None])
+            # One fp32 [chunk, v_local] buffer, turned in place into softmax - onehot, then
+            # d loss / d logits; g is that in the weight's dtype: what megatron's output layer
+            # receives (its logits are in that dtype before the loss upcasts them).
+            probs = _upcast(h @ weight.t()).sub_(lses[s:e, None]).exp_()
             t = target[s:e]
             in_shard = (t >= vocab_start) & (t < vocab_end)
             rows = torch.nonzero(in_shard).flatten()
             probs[rows, (t[rows] - vocab_start)] -= 1.0
-            # d loss / d logits [chunk, v_local], in the weight's dtype: what megatron's output
-            # layer receives (its logits are in that dtype before the loss upcasts them).
-            g = (probs * grad_losses[s:e, None]).to(weight.dtype)
-            del logits, probs
+            g = probs.mul_(grad_losses[s:e, None]).to(weight.dtype)
+            del probs
             if grad_hidden is not None:
                 grad_hidden[s:e] = (g @ weight).to(hidden.dtype)
             if wgrad_acc is not None:
                 accumulate_matmul(wgrad_acc, g.t(), h.to(weight.dtype))
+            del g  # before the next chunk's GEMM allocates its buffer
         grad_weight = None
         if main_grad is not None:
             weight.grad_added_to_main_grad = True
