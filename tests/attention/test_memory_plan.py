@@ -12,28 +12,37 @@ from . import _common as C
 TOL = 0.10
 
 
-def _rank_measure():
-    C.quiet()
-    from megatron_prolong.memory_plan import Layout, MemoryOptions, estimate, measure_saved_activation_bytes
+def _tiny_runs():
+    """(recompute, S, model, micro-batch, planner estimate) for the tiny fp32 CPU runs measured here."""
+    from megatron_prolong.memory_plan import Layout, MemoryOptions, estimate
     from megatron_prolong.parallel.context_parallel import prepare_batch
 
-    rows = []
     for rec, over in (("none", {}), ("full", dict(recompute_granularity="full", recompute_method="uniform",
                                                   recompute_num_layers=1))):
         for S in (64, 256):
-            model, cfg, spec = C.build(loss_chunk_tokens=32, **over)
-            batch = C.packed_batch(seed=0, seq=S, doc_lengths=[[S], [S // 2, S // 2]])
-            mb = prepare_batch(batch)
-            measured = measure_saved_activation_bytes(
-                model, lambda: model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"]))
+            model, _, spec = C.build(loss_chunk_tokens=32, **over)
+            mb = prepare_batch(C.packed_batch(seed=0, seq=S, doc_lengths=[[S], [S // 2, S // 2]]))
             opt = MemoryOptions(seq_length=S, micro_batch_size=2, num_microbatches=1, sequence_parallel=False,
                                 recompute=rec, loss_chunk_tokens=32, attention_backend="sdpa", act_bytes=4,
-                                overhead_gib=0)
-            est = estimate(spec, Layout(), opt)
-            # saved-for-backward = resident activations + what the loss head keeps (lse, loss: 8 B/token)
-            transient = est.detail["full_layer_bytes"] if rec == "full" else 0
-            predicted = est.activations - transient + 8 * est.detail["local_tokens"]
-            rows.append((rec, S, measured, predicted))
+                                weight_bytes=4, overhead_gib=0)
+            yield rec, S, model, mb, estimate(spec, Layout(), opt)
+
+
+def _forward(model, mb):
+    return model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"])
+
+
+def _rank_measure():
+    C.quiet()
+    from megatron_prolong.memory_plan import measure_saved_activation_bytes
+
+    rows = []
+    for rec, S, model, mb, est in _tiny_runs():
+        measured = measure_saved_activation_bytes(model, lambda: _forward(model, mb))
+        # saved-for-backward = resident activations + what the loss head keeps (lse, loss: 8 B/token)
+        transient = est.detail["full_layer_bytes"] if rec == "full" else 0
+        predicted = est.activations - transient + 8 * est.detail["local_tokens"]
+        rows.append((rec, S, measured, predicted))
     return rows
 
 
@@ -94,23 +103,14 @@ def _rank_peak():
     C.quiet()
     import torch
 
-    from megatron_prolong.memory_plan import Layout, MemoryOptions, estimate, measure_peak_bytes
-    from megatron_prolong.parallel.context_parallel import prepare_batch
+    from megatron_prolong.memory_plan import measure_peak_bytes
 
     rows = []
-    for rec, over in (("none", {}), ("full", dict(recompute_granularity="full", recompute_method="uniform",
-                                                  recompute_num_layers=1))):
-        for S in (64, 256):
-            model, _, spec = C.build(loss_chunk_tokens=32, **over)
-            for p in model.parameters():  # gradients exist before (the planner's grads term)
-                p.grad = torch.zeros_like(p)
-            mb = prepare_batch(C.packed_batch(seed=0, seq=S, doc_lengths=[[S], [S // 2, S // 2]]))
-            measured, _ = measure_peak_bytes(lambda: model(
-                mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"]).sum().backward())
-            opt = MemoryOptions(seq_length=S, micro_batch_size=2, num_microbatches=1, sequence_parallel=False,
-                                recompute=rec, loss_chunk_tokens=32, attention_backend="sdpa", act_bytes=4,
-                                weight_bytes=4, overhead_gib=0)
-            rows.append((rec, S, measured, estimate(spec, Layout(), opt).peak_activations))
+    for rec, S, model, mb, est in _tiny_runs():
+        for p in model.parameters():  # gradients exist before (the planner's grads term)
+            p.grad = torch.zeros_like(p)
+        measured, _ = measure_peak_bytes(lambda: _forward(model, mb).sum().backward())
+        rows.append((rec, S, measured, est.peak_activations))
     return rows
 
 
