@@ -21,9 +21,32 @@ Formulas (documented with their derivation in docs/long_context.md; all per GPU,
   only each layer's input (``h``, /tp with SP) plus one layer's activations while recomputing.
 - 1F1B pipeline: the first stage keeps ``min(pp, num_microbatches)`` micro-batches in flight, i.e.
   about ``L`` layers' worth of activations whatever ``pp`` is.
-- logits: unchunked ``T * V/tp * (a_bytes + 4 + 4)`` (output-layer logits, fp32 copy, exp kept for
-  backward); chunked ``N * V/tp * 8`` + ``8 T`` (one chunk's fp32 logits and softmax; lse + loss).
+- loss head (``logits``), peak on the last stage beyond the saved activations: unchunked
+  ``T * V/tp * (a_bytes + 4 + 4)`` (output-layer logits, fp32 copy, exp kept for backward); chunked
+  (parallel/cross_entropy.py, whose backward is the peak):
+  ``16 T`` (lse + loss kept from forward to backward, the int64 labels in token order)
+  ``+ T * h * a * (1 + 1/tp with SP)`` (d hidden of the gathered sequence, and its reduce-scattered
+  shard) ``+ max(N * (V/tp * (4 + a) + h * a), V/tp * h * w_bytes)``: one chunk's fp32 buffer
+  (logits turned in place into softmax and d logits) plus the chunk in the weights' dtype (the GEMM
+  output, then d logits; the same tensor when that dtype is fp32, so ``+ a`` only for a < 4) and
+  its d hidden, or, after the chunk loop, the dummy weight gradient handed to autograd while the
+  real one went into ``main_grad`` (megatron DDP).
+- layer backward (``backward``): what one layer's backward allocates on top of that layer's
+  activations (recomputed ones under full recompute), per local token, ``a`` bytes per element.
+  Autograd frees a node's saved tensors once the node has run, so the gradients partly replace
+  activations:
+  ``2h/(tp with SP)`` (gradient of the layer's output and of its input in the residual stream)
+  ``+ max(2f/tp, A - 4f/tp, 0)``: in the MLP's backward d fc1-output (``2f/tp``) and d fc2-input
+  (``f/tp``) minus the freed fc2 input (``f/tp``); in the attention's backward
+  ``A = (2h + 2kv)/tp + 2kv*cp/tp`` (d attention-out, dQ, dK/dV of this rank's shard and, with
+  CP, dK/dV of the all-gathered sequence before their reduce-scatter), by when the MLP's saved
+  activations (``4f/tp``) are freed. For Llama-3-8B (f = 3.5h, kv = h/4) A stays below 4f/tp for
+  cp <= 22, so its gathered dK/dV fit in the space the MLP's activations leave.
 - fixed overhead (CUDA context, NCCL buffers, allocator fragmentation): ``overhead_gib``.
+
+Peak: weights + grads + optimizer + overhead + resident activations + the larger of the loss
+head (its peak is at the start of the backward) and one layer's transient activations (recompute)
+plus its layer backward (each layer later): :attr:`MemoryEstimate.peak_activations`.
 """
 
 from __future__ import annotations
@@ -74,17 +97,24 @@ class MemoryEstimate:
     activations: float
     gathered_kv: float
     logits: float
+    backward: float
     overhead: float
     detail: dict = field(default_factory=dict)
 
     @property
+    def peak_activations(self) -> float:
+        """Activation-side peak: the resident activations plus the larger of the loss head's peak
+        (start of the backward) and one layer's recompute + backward (later)."""
+        transient = self.detail.get("transient_layer_bytes", 0.0)
+        return self.activations - transient + max(self.logits, transient + self.backward)
+
+    @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.activations + self.logits
-                + self.overhead)
+        return self.weights + self.grads + self.optimizer + self.peak_activations + self.overhead
 
     def as_gib(self) -> dict:
         d = {k: getattr(self, k) / GiB for k in ("weights", "grads", "optimizer", "activations",
-                                                  "gathered_kv", "logits", "overhead")}
+                                                  "gathered_kv", "logits", "backward", "overhead")}
         d["total"] = self.total / GiB
         return d
 
@@ -116,6 +146,35 @@ def activation_elems_per_token_layer(spec, layout: Layout, opt: MemoryOptions, s
     attn_only = h / tp + heads / tp + mask  # what selective (core_attn) recompute does not keep
     return {"norm": norm, "tp": tp_part, "gathered_kv": gathered, "mask": mask, "attn_only": attn_only,
             "input": h / (tp if sp else 1)}
+
+
+def loss_head_bytes(spec, layout: Layout, opt: MemoryOptions, local_tokens: int, *, ddp: bool = True) -> float:
+    """Peak bytes of the output layer + cross-entropy beyond the saved activations (module doc).
+    ``ddp=False``: no ``main_grad`` (tests, tools), the weight gradient is summed in an fp32 buffer."""
+    h, Vt, a, T = spec.hidden_size, spec.vocab_size / layout.tp, opt.act_bytes, local_tokens
+    if not (opt.loss_chunk_tokens and opt.loss_chunk_tokens > 0):
+        return T * Vt * (a + 4 + 4)
+    sp = opt.sequence_parallel and layout.tp > 1
+    chunk = min(opt.loss_chunk_tokens, T) * (Vt * (4 + (a if a < 4 else 0)) + h * a)
+    dummy_wgrad = Vt * h * opt.weight_bytes
+    grad_hidden = T * h * a * (1 + (1 / layout.tp if sp else 0))
+    if not ddp:  # the fp32 buffer lives through the chunk loop, then is cast to the weights' dtype
+        wgrad = Vt * h * 4
+        return 16 * T + grad_hidden + wgrad + max(chunk, dummy_wgrad if opt.weight_bytes < 4 else 0)
+    return 16 * T + grad_hidden + max(chunk, dummy_wgrad)
+
+
+def layer_backward_elems_per_token(spec, layout: Layout, opt: MemoryOptions) -> float:
+    """Gradient elements alive during one layer's backward, per local token (module doc)."""
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    kv = spec.num_query_groups * spec.head_dim
+    tp, cp = layout.tp, layout.cp
+    sp = opt.sequence_parallel and tp > 1
+    residual = 2 * h / (tp if sp else 1)
+    mlp = 3 * f / tp - f / tp  # d fc2-input, d fc1-output; the fc2 input is freed by then
+    attention = (2 * h + 2 * kv) / tp + (2 * kv * cp / tp if cp > 1 else 0)
+    mlp_saved = 4 * f / tp  # freed once the MLP's backward is done
+    return residual + max(mlp, attention - mlp_saved, 0.0)
 
 
 def estimate(spec, layout: Layout, opt: MemoryOptions) -> MemoryEstimate:
@@ -153,14 +212,11 @@ def estimate(spec, layout: Layout, opt: MemoryOptions) -> MemoryEstimate:
     activations = in_flight * per_mb + transient
     # final norm + output-layer input on the last stage
     activations += T * a * (3 * spec.hidden_size / (layout.tp if opt.sequence_parallel and layout.tp > 1 else 1))
-    Vt = spec.vocab_size / layout.tp
-    if opt.loss_chunk_tokens and opt.loss_chunk_tokens > 0:
-        logits = min(opt.loss_chunk_tokens, T) * Vt * 8 + 8 * T
-    else:
-        logits = T * Vt * (a + 4 + 4)
-    return MemoryEstimate(layout, P, weights, grads, optimizer, activations, kv_resident, logits,
+    logits = loss_head_bytes(spec, layout, opt, T)
+    backward = T * a * layer_backward_elems_per_token(spec, layout, opt)
+    return MemoryEstimate(layout, P, weights, grads, optimizer, activations, kv_resident, logits, backward,
                           opt.overhead_gib * GiB,
-                          detail={"local_tokens": T, "elems_per_token_layer": e,
+                          detail={"local_tokens": T, "elems_per_token_layer": e, "transient_layer_bytes": transient,
                                   "full_layer_bytes": full_layer, "in_flight_microbatches": in_flight})
 
 
@@ -211,6 +267,22 @@ def measure_saved_activation_bytes(model, forward) -> int:
         out = forward()
     del out
     return sum(seen.values())
+
+
+def measure_peak_bytes(fn) -> tuple[int, object]:
+    """``(peak, fn())``: the most CPU memory allocated at once while ``fn`` runs, above what was
+    allocated before, from the profiler's allocation events (CPU tensors only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    current = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak, out
 
 
 def asdict_estimate(est: MemoryEstimate) -> dict:

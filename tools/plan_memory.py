@@ -4,7 +4,9 @@
     python tools/plan_memory.py --model llama3-8b --seq-length 524288 --tp 1 --pp 1 --cp 8 --dp 1
     python tools/plan_memory.py --model llama3-8b --seq-length 524288 --gpus 8 --gpu-memory 80
 
-Formulas: megatron_prolong/memory_plan.py and docs/long_context.md.
+Formulas: megatron_prolong/memory_plan.py and docs/long_context.md. "act" holds the resident
+activations plus one layer's transient ones; the peak adds the larger of the loss head and that
+layer's backward on top (they happen at different times).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def _row(est, fits=None):
     l = est.layout
     mark = "" if fits is None else ("fits" if fits else "OOM")
     return (f"tp={l.tp:<2} pp={l.pp:<2} cp={l.cp:<3} dp={l.dp:<3} | weights {g['weights']:6.2f} grads {g['grads']:6.2f} "
-            f"optim {g['optimizer']:6.2f} act {g['activations']:7.2f} (kv {g['gathered_kv']:6.2f}) logits "
-            f"{g['logits']:6.2f} ovh {g['overhead']:4.1f} | total {g['total']:7.2f} GiB {mark}")
+            f"optim {g['optimizer']:6.2f} act {g['activations']:7.2f} (kv {g['gathered_kv']:6.2f}) loss head "
+            f"{g['logits']:6.2f} layer bwd {g['backward']:5.2f} ovh {g['overhead']:4.1f} | peak {g['total']:7.2f} GiB "
+            f"{mark}")
 
 
 def main(argv=None):

@@ -86,17 +86,40 @@ WEIGHT_GROUPS: tuple[WeightGroup, ...] = (
     WeightGroup("output_layer.weight", ("lm_head.weight",), per_layer=False),
 )
 
-# Modules that carry a TransformerEngine/megatron ``_extra_state`` entry per layer (saved as
-# ShardedObjects). The local spec has the four linears; the TE spec adds core attention. A
-# checkpoint written by the converter holds all of them (as ``None``) so either spec can load it
-# (megatron ignores checkpoint entries nobody asks for).
-EXTRA_STATE_MODULES: tuple[str, ...] = (
+# ``_extra_state`` entries (ShardedObjects) that megatron-core 0.16.1 asks a checkpoint for when
+# loading our GPTModel, read from its sources (see tests/convert/te_spec_keys.py for the TE spec's
+# list with references). A load fails on any it asks for and does not find, and ignores entries
+# nobody asks for, so the converter writes the union of both specs (as ``None``: TE's and
+# megatron's ``set_extra_state`` accept None as "no FP8 state").
+#
+# Per layer (stacked over the layer axis: one object per layer), both specs: megatron's
+# Column/RowParallelLinear define ``get_extra_state`` (None, "compatibility with TE"), TE's
+# LayerNormLinear / Linear carry their FP8 metadata there. Core attention carries none in either
+# spec: TEDotProductAttention.sharded_state_dict returns no ``_extra_state`` (only the learnable
+# softmax offset when softmax_type='learnable'), and the portable core attention has none.
+LAYER_EXTRA_STATE_MODULES: tuple[str, ...] = (
     "decoder.layers.self_attention.linear_qkv",
     "decoder.layers.self_attention.linear_proj",
-    "decoder.layers.self_attention.core_attention",
     "decoder.layers.mlp.linear_fc1",
     "decoder.layers.mlp.linear_fc2",
 )
+# Not per layer (one object, global shape (1,)), TE spec only: its final norm is TENorm ->
+# ``te.pytorch.RMSNorm``, a TE fusible op whose ``get_extra_state`` holds quantizer state; the
+# local spec's torch RMSNorm has none. (``output_layer._extra_state`` is dropped by GPTModel.)
+MODEL_EXTRA_STATE_MODULES: tuple[str, ...] = ("decoder.final_layernorm",)
+
+
+def extra_state_objects(num_layers: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int | None]]:
+    """``(key, global_shape, global_offset, layer)`` of every ``_extra_state`` ShardedObject a
+    checkpoint of a ``num_layers`` model must hold (layer: None for a non-layer object)."""
+    out = []
+    for layer in range(num_layers):
+        for module in LAYER_EXTRA_STATE_MODULES:
+            out.append((f"{module}._extra_state", (num_layers,), (layer,), layer))
+    for module in MODEL_EXTRA_STATE_MODULES:
+        out.append((f"{module}._extra_state", (1,), (0,), None))
+    return out
+
 
 # HF checkpoints sometimes carry non-persistent buffers; they are recomputed from the config.
 IGNORED_HF_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)

@@ -11,13 +11,11 @@ import dataclasses
 from typing import Any
 
 from ..models.registry import ModelSpec
+from .token_ids import TOKEN_ID_KEYS, default_token_ids
 
 # megatron-core's RotaryEmbedding._apply_scaling only exposes ``factor``; the rest is fixed.
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
-# Llama-3 special tokens, used when no source config/tokenizer says otherwise.
-LLAMA3_VOCAB_SIZE = 128256
-LLAMA3_BOS, LLAMA3_EOS = 128000, 128001
 
 
 class UnsupportedModelError(ValueError):
@@ -101,17 +99,12 @@ def check_against_registry(spec: ModelSpec, expected: ModelSpec) -> None:
                                     + "\n  - ".join(diffs))
 
 
-def hf_config_from_spec(spec: ModelSpec, *, torch_dtype: str, base: dict[str, Any] | None = None
+def hf_config_from_spec(spec: ModelSpec, *, torch_dtype: str, token_ids: dict[str, Any] | None = None
                         ) -> dict[str, Any]:
-    """``config.json`` for ``LlamaForCausalLM``. ``base`` (the source model's config, if known)
-    supplies token ids and other fields that do not affect the weights."""
-    cfg: dict[str, Any] = {}
-    if base:
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
-            if key in base:
-                cfg[key] = base[key]
-    elif spec.vocab_size == LLAMA3_VOCAB_SIZE:
-        cfg.update(bos_token_id=LLAMA3_BOS, eos_token_id=LLAMA3_EOS)
+    """``config.json`` for ``LlamaForCausalLM``. ``token_ids``: bos / eos / pad (see
+    ``token_ids.resolve_export_token_ids``); None: the defaults for the vocabulary."""
+    ids = default_token_ids(spec.vocab_size) if token_ids is None else token_ids
+    cfg: dict[str, Any] = {k: ids[k] for k in TOKEN_ID_KEYS if ids.get(k) is not None}
     cfg.update(
         architectures=["LlamaForCausalLM"],
         model_type="llama",

@@ -15,12 +15,14 @@ from typing import Callable
 import torch
 
 from ..models.registry import ModelSpec, get_model_spec
-from .adapter import EXTRA_STATE_MODULES, IGNORED_HF_SUFFIXES, LlamaWeightAdapter
+from .adapter import IGNORED_HF_SUFFIXES, LlamaWeightAdapter, extra_state_objects
 from .dist_io import PlannedObject, PlannedTensor, write_json_atomic, write_torch_dist_checkpoint
 from .hf_config import check_against_registry, spec_from_hf_config, spec_to_dict
 from .layout import LATEST_FILE, META_FILE, check_output_dir, iteration_dir, staged_output
 from .progress import Progress
 from .safetensors_stream import TensorEntry, read_header, read_tensor
+from .token_ids import META_KEY as GENERATION_META_KEY
+from .token_ids import read_hf_generation
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -108,10 +110,11 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
             "dtype": str(dtype).replace("torch.", ""),
             "converted_from": {"format": "huggingface", "path": str(hf_dir.resolve()),
                                "rope_theta_in_source": hf_cfg.get("rope_theta")},
+            # Token ids and generation config (eos!) for megatron-to-hf: see token_ids.py.
+            GENERATION_META_KEY: read_hf_generation(hf_dir),
         }
         write_json_atomic(ckpt / META_FILE, meta)
-        # Keep the source config: megatron-to-hf can restore token ids from it.
-        shutil.copy2(hf_dir / "config.json", ckpt / "hf_config.json")
+        shutil.copy2(hf_dir / "config.json", ckpt / "hf_config.json")  # the source config, for reference
         (tmp / LATEST_FILE).write_text("0\n")
     progress.done()
     return spec
@@ -176,6 +179,11 @@ def _plan(adapter: LlamaWeightAdapter, entries: dict[str, TensorEntry], *, tied:
 
     non_layer = [g for g in adapter.groups if not g.per_layer]
     layer_groups = [g for g in adapter.groups if g.per_layer]
+    extra_by_layer: dict[int | None, list[PlannedObject]] = {}
+    for key, global_shape, offset, layer in extra_state_objects(spec.num_layers):
+        obj = ShardedObject(key, None, global_shape, offset, replica_id=0)
+        group_name = f"layer {layer + 1}/{spec.num_layers}" if layer is not None else "extra_state"
+        extra_by_layer.setdefault(layer, []).append(PlannedObject(obj.unique_key, None, group_name))
     for g in non_layer[:1]:
         shape = adapter.megatron_shape(g)
         tensors.append(PlannedTensor(g.megatron_key, shape, (0,) * len(shape), shape, dtype,
@@ -187,13 +195,12 @@ def _plan(adapter: LlamaWeightAdapter, entries: dict[str, TensorEntry], *, tied:
             tensors.append(PlannedTensor(
                 g.megatron_key, adapter.megatron_global_shape(g), (layer,) + (0,) * len(shape), (1, *shape),
                 dtype, _unsqueezed(producer(g, hf_names(g, layer))), group_name))
-        for module in EXTRA_STATE_MODULES:
-            obj = ShardedObject(f"{module}._extra_state", None, (spec.num_layers,), (layer,), replica_id=0)
-            objects.append(PlannedObject(obj.unique_key, None, group_name))
+        objects += extra_by_layer.get(layer, [])
     for g in non_layer[1:]:
         shape = adapter.megatron_shape(g)
         tensors.append(PlannedTensor(g.megatron_key, shape, (0,) * len(shape), shape, dtype,
                                      producer(g, hf_names(g, None)), g.megatron_key))
+    objects += extra_by_layer.get(None, [])
     return tensors, objects, sum(_nbytes(t) for t in tensors)
 
 

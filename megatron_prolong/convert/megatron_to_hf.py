@@ -7,7 +7,6 @@ metadata before any data is read, so each safetensors file is written tensor by 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ from .hf_config import hf_config_from_spec, spec_from_dict
 from .hf_to_megatron import INDEX_FILE, ConversionError
 from .layout import check_output_dir, read_checkpoint_meta, resolve_checkpoint, staged_output
 from .progress import Progress
+from .token_ids import resolve_export_token_ids
 from .safetensors_stream import SafetensorsShardWriter, plan_shards
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -101,10 +101,12 @@ def megatron_to_hf(meg_dir: Path, out_dir: Path, *, iteration: int | None = None
             _write_weights(ckpt, adapter, requests, shards, shard_names, tmp, out_dtype, progress)
         weight_map = {name: shard_names[i] for i, shard in enumerate(shards) for name, _, _ in shard}
         write_json_atomic(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-        base_cfg = _source_config(tokenizer_dir, ckpt)
+        ids = resolve_export_token_ids(meta, ckpt, spec.vocab_size, tokenizer_dir)
+        log(f"[megatron-to-hf] token ids {ids.config_token_ids}, generation eos "
+            f"{ids.generation_config.get('eos_token_id')} ({ids.source})")
         write_json_atomic(tmp / "config.json", hf_config_from_spec(
-            spec, torch_dtype=str(out_dtype).replace("torch.", ""), base=base_cfg))
-        _write_generation_config(tmp, tokenizer_dir, base_cfg, spec)
+            spec, torch_dtype=str(out_dtype).replace("torch.", ""), token_ids=ids.config_token_ids))
+        write_json_atomic(tmp / "generation_config.json", ids.generation_config)
         if tokenizer_dir is not None:
             for f in TOKENIZER_FILES:
                 if (tokenizer_dir / f).exists():
@@ -167,21 +169,3 @@ def _nbytes(s) -> int:
     for d in s[1]:
         n *= d
     return n
-
-
-def _source_config(tokenizer_dir: Path | None, ckpt: Path) -> dict | None:
-    """The original HF config.json, for token ids: from the tokenizer/model folder given, or the
-    copy hf-to-megatron kept in the checkpoint."""
-    for path in ([tokenizer_dir / "config.json"] if tokenizer_dir else []) + [ckpt / "hf_config.json"]:
-        if path.exists():
-            return json.loads(path.read_text())
-    return None
-
-
-def _write_generation_config(out: Path, tokenizer_dir: Path | None, base_cfg: dict | None, spec: ModelSpec) -> None:
-    if tokenizer_dir is not None and (tokenizer_dir / "generation_config.json").exists():
-        shutil.copy2(tokenizer_dir / "generation_config.json", out / "generation_config.json")
-        return
-    cfg = hf_config_from_spec(spec, torch_dtype="bfloat16", base=base_cfg)
-    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
-    write_json_atomic(out / "generation_config.json", {"_from_model_config": True, **gen})

@@ -12,28 +12,37 @@ from . import _common as C
 TOL = 0.10
 
 
-def _rank_measure():
-    C.quiet()
-    from megatron_prolong.memory_plan import Layout, MemoryOptions, estimate, measure_saved_activation_bytes
+def _tiny_runs():
+    """(recompute, S, model, micro-batch, planner estimate) for the tiny fp32 CPU runs measured here."""
+    from megatron_prolong.memory_plan import Layout, MemoryOptions, estimate
     from megatron_prolong.parallel.context_parallel import prepare_batch
 
-    rows = []
     for rec, over in (("none", {}), ("full", dict(recompute_granularity="full", recompute_method="uniform",
                                                   recompute_num_layers=1))):
         for S in (64, 256):
-            model, cfg, spec = C.build(loss_chunk_tokens=32, **over)
-            batch = C.packed_batch(seed=0, seq=S, doc_lengths=[[S], [S // 2, S // 2]])
-            mb = prepare_batch(batch)
-            measured = measure_saved_activation_bytes(
-                model, lambda: model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"]))
+            model, _, spec = C.build(loss_chunk_tokens=32, **over)
+            mb = prepare_batch(C.packed_batch(seed=0, seq=S, doc_lengths=[[S], [S // 2, S // 2]]))
             opt = MemoryOptions(seq_length=S, micro_batch_size=2, num_microbatches=1, sequence_parallel=False,
                                 recompute=rec, loss_chunk_tokens=32, attention_backend="sdpa", act_bytes=4,
-                                overhead_gib=0)
-            est = estimate(spec, Layout(), opt)
-            # saved-for-backward = resident activations + what the loss head keeps (lse, loss: 8 B/token)
-            transient = est.detail["full_layer_bytes"] if rec == "full" else 0
-            predicted = est.activations - transient + 8 * est.detail["local_tokens"]
-            rows.append((rec, S, measured, predicted))
+                                weight_bytes=4, overhead_gib=0)
+            yield rec, S, model, mb, estimate(spec, Layout(), opt)
+
+
+def _forward(model, mb):
+    return model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"])
+
+
+def _rank_measure():
+    C.quiet()
+    from megatron_prolong.memory_plan import measure_saved_activation_bytes
+
+    rows = []
+    for rec, S, model, mb, est in _tiny_runs():
+        measured = measure_saved_activation_bytes(model, lambda: _forward(model, mb))
+        # saved-for-backward = resident activations + what the loss head keeps (lse, loss: 8 B/token)
+        transient = est.detail["full_layer_bytes"] if rec == "full" else 0
+        predicted = est.activations - transient + 8 * est.detail["local_tokens"]
+        rows.append((rec, S, measured, predicted))
     return rows
 
 
@@ -62,3 +71,55 @@ def test_layout_search_512k_8b():
     assert not estimate(spec, Layout(2, 1, 4, 1), MemoryOptions(seq_length=524288, recompute="none")).total < 80 * GiB
     unchunked = estimate(spec, Layout(2, 1, 4, 1), MemoryOptions(seq_length=524288, loss_chunk_tokens=0))
     assert unchunked.logits > 10 * best.logits
+
+
+def test_loss_head_peak_matches_measured():
+    """The chunked loss head's peak (forward + backward), measured from the allocator events of a
+    CPU run, fp32, with and without a DDP ``main_grad`` (dummy weight gradient vs fp32 buffer)."""
+    import torch
+
+    from megatron_prolong.memory_plan import Layout, MemoryOptions, loss_head_bytes, measure_peak_bytes
+    from megatron_prolong.models.registry import get_model_spec
+    from megatron_prolong.parallel.cross_entropy import chunked_lm_loss
+
+    spec = get_model_spec("llama3-debug")  # h 64, V 512
+    torch.manual_seed(0)
+    for S, N, ddp in ((256, 32, True), (512, 100, False), (128, 512, True)):
+        hidden = torch.randn(S, 2, spec.hidden_size, requires_grad=True)
+        weight = torch.nn.Parameter(torch.randn(spec.vocab_size, spec.hidden_size) * 0.1)
+        if ddp:
+            weight.main_grad, weight.grad_added_to_main_grad = torch.zeros_like(weight), False
+        labels = torch.randint(0, spec.vocab_size, (2, S))
+        measured, _ = measure_peak_bytes(
+            lambda: chunked_lm_loss(hidden, weight, labels, chunk_tokens=N).sum().backward())
+        opt = MemoryOptions(seq_length=S, micro_batch_size=2, sequence_parallel=False, loss_chunk_tokens=N,
+                            act_bytes=4, weight_bytes=4)
+        predicted = loss_head_bytes(spec, Layout(), opt, 2 * S, ddp=ddp)
+        print(f"S={S} N={N} ddp={ddp}: measured {measured} B, predicted {predicted:.0f} B")
+        assert abs(predicted / measured - 1) < 0.03, (S, N, ddp, measured, predicted)
+
+
+def _rank_peak():
+    C.quiet()
+    import torch
+
+    from megatron_prolong.memory_plan import measure_peak_bytes
+
+    rows = []
+    for rec, S, model, mb, est in _tiny_runs():
+        for p in model.parameters():  # gradients exist before (the planner's grads term)
+            p.grad = torch.zeros_like(p)
+        measured, _ = measure_peak_bytes(lambda: _forward(model, mb).sum().backward())
+        rows.append((rec, S, measured, est.peak_activations))
+    return rows
+
+
+def test_peak_activation_memory_brackets_measured():
+    """Resident activations + max(loss head, recomputed layer + its backward) vs the measured peak
+    of a whole forward + backward (CPU allocator events, fp32). The planner may over-count (it
+    adds per-layer terms whose maxima need not coincide), never under-count by more than 5%."""
+    rows = run_distributed(_rank_peak, world_size=1)[0]
+    for rec, S, measured, predicted in rows:
+        print(f"recompute={rec:5} S={S:4}: measured peak {measured:>9} B, predicted {predicted:>10.0f} B, "
+              f"ratio {predicted / measured:.3f}")
+        assert 0.95 < predicted / measured < 1.25, (rec, S, measured, predicted)

@@ -53,6 +53,10 @@ def test_trained_checkpoint_exports_to_hf(tmp_path):
 
     cfg = read_json(tmp_path / "export" / "config.json")
     assert cfg["rope_theta"] == 2e6  # the stage's theta, stored by the trainer
+    # Token ids: the trainer's checkpoint records none, its init_from (the converted one) does.
+    src_cfg = read_json(src / "config.json")
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (src_cfg["bos_token_id"], src_cfg["eos_token_id"])
+    assert read_json(tmp_path / "export" / "generation_config.json") == read_json(src / "generation_config.json")
     before, after = load_safetensors_dir(src), load_safetensors_dir(tmp_path / "export")
     assert sorted(before) == sorted(after)
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
