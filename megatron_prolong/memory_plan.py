@@ -78,7 +78,7 @@ class MemoryOptions:
     sequence_parallel: bool = True
     recompute: str = "full"  # none | selective | full
     loss_chunk_tokens: int = 2048  # 0 = unchunked
-    attention_backend: str = "flex"  # flex | te | sdpa (sdpa materialises a float mask per layer)
+    attention_backend: str = "flex"  # flex | varlen | fa4 | te | sdpa (sdpa: a float mask per layer)
     act_bytes: int = 2  # bf16 activations
     weight_bytes: int = 2
     grad_bytes: int = 4  # fp32 main grads
@@ -142,6 +142,10 @@ def activation_elems_per_token_layer(spec, layout: Layout, opt: MemoryOptions, s
     norm = (6 * h + 2) / (tp if sp else 1)
     tp_part = (5 * h + 3 * kv + 4 * f + heads) / tp
     gathered = (2 * kv * cp / tp) if cp > 1 else 0.0
+    if opt.attention_backend in ("varlen", "fa4"):
+        # The varlen kernels also keep a packed copy of each query run's document keys (up to
+        # S + S/(2 CP) tokens per sample), about the size of the gathered K/V again.
+        gathered *= 2
     mask = float(seq_keys) if opt.attention_backend == "sdpa" else 0.0
     attn_only = h / tp + heads / tp + mask  # what selective (core_attn) recompute does not keep
     return {"norm": norm, "tp": tp_part, "gathered_kv": gathered, "mask": mask, "attn_only": attn_only,

@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
     ap.add_argument("--no-sequence-parallel", action="store_true")
     ap.add_argument("--loss-chunk-tokens", type=int, default=2048)
-    ap.add_argument("--attention-backend", choices=["flex", "te", "sdpa"], default="flex")
+    ap.add_argument("--attention-backend", choices=["flex", "varlen", "fa4", "te", "sdpa"], default="flex")
     ap.add_argument("--overhead-gib", type=float, default=3.0)
     ap.add_argument("--top", type=int, default=8)
     args = ap.parse_args(argv)

@@ -7,7 +7,6 @@ scaling schemes, or Llama-3.1 scaling with parameters megatron-core cannot expre
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ..models.registry import ModelSpec
@@ -131,15 +130,3 @@ def hf_config_from_spec(spec: ModelSpec, *, torch_dtype: str, token_ids: dict[st
         torch_dtype=torch_dtype,
     )
     return cfg
-
-
-def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
-
-
-def spec_from_dict(d: dict[str, Any]) -> ModelSpec:
-    known = {f.name for f in dataclasses.fields(ModelSpec)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"checkpoint model_spec has fields this version does not know: {sorted(unknown)}")
-    return ModelSpec(**d)

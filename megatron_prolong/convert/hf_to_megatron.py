@@ -17,7 +17,8 @@ import torch
 from ..models.registry import ModelSpec, get_model_spec
 from .adapter import IGNORED_HF_SUFFIXES, LlamaWeightAdapter, extra_state_objects
 from .dist_io import PlannedObject, PlannedTensor, write_json_atomic, write_torch_dist_checkpoint
-from .hf_config import check_against_registry, spec_from_hf_config, spec_to_dict
+from ..checkpoint_layout import encode_model_spec
+from .hf_config import check_against_registry, spec_from_hf_config
 from .layout import LATEST_FILE, META_FILE, check_output_dir, iteration_dir, staged_output
 from .progress import Progress
 from .safetensors_stream import TensorEntry, read_header, read_tensor
@@ -102,7 +103,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, *, model_name: str | None = None
                                     on_item_written=lambda t: progress.advance(_nbytes(t), t.group))
         meta = {
             "iteration": 0,
-            "model_spec": spec_to_dict(spec),
+            "model_spec": encode_model_spec(spec),
             "has_optimizer": False,
             # Shards are stored whole (as a TP=1/PP=1 save would be); the trainer reshards on load.
             "parallel": {"tensor": 1, "pipeline": 1, "context": 1, "data": 1},

@@ -16,7 +16,8 @@ import torch
 from ..models.registry import ModelSpec
 from .adapter import LlamaWeightAdapter
 from .dist_io import TensorRequest, read_tensors, single_process_group, tensors_metadata, write_json_atomic
-from .hf_config import hf_config_from_spec, spec_from_dict
+from ..checkpoint_layout import model_spec_from_meta
+from .hf_config import hf_config_from_spec
 from .hf_to_megatron import INDEX_FILE, ConversionError
 from .layout import check_output_dir, read_checkpoint_meta, resolve_checkpoint, staged_output
 from .progress import Progress
@@ -49,7 +50,7 @@ def megatron_to_hf(meg_dir: Path, out_dir: Path, *, iteration: int | None = None
     check_output_dir(out_dir)
     ckpt, iteration = resolve_checkpoint(meg_dir, iteration)
     meta = read_checkpoint_meta(meg_dir, iteration)
-    spec = spec_from_dict(meta["model_spec"])
+    spec = model_spec_from_meta(meta, where=str(meg_dir))
     adapter = LlamaWeightAdapter(spec)
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tests.dist import run_distributed
 
-from . import _common as C
+from tests.attention import _common as C
 
 TOL = 0.10
 
