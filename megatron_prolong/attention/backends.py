@@ -32,15 +32,14 @@ def resolve_backend(backend: str, device_type: str, dropout_p: float = 0.0) -> s
     return "flex" if device_type == "cuda" and dropout_p == 0.0 else "sdpa"
 
 
-def unavailable_reason(backend: str, cuda: Optional[bool] = None) -> Optional[str]:
-    """Why ``backend`` cannot run here (None: it can). ``cuda``: whether a GPU will be used
-    (default: whether one is visible)."""
+def unavailable_reason(backend: str, cuda: Optional[bool]) -> Optional[str]:
+    """Why ``backend`` cannot run here (None: it can). ``cuda``: whether the run is on a GPU (the
+    run record's decision); None skips that check (packages only)."""
     if backend not in ATTENTION_BACKENDS:
         return f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}"
-    cuda = torch.cuda.is_available() if cuda is None else cuda
     if backend in ("auto", "sdpa"):
         return None
-    if backend in CUDA_ONLY and not cuda:
+    if backend in CUDA_ONLY and cuda is False:
         return (f"model.attention_backend={backend} needs a CUDA GPU (none is used here); on CPU choose "
                 "auto or sdpa")
     if backend == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
@@ -68,6 +67,7 @@ def unavailable_reason(backend: str, cuda: Optional[bool] = None) -> Optional[st
 
 
 def check_backend(backend: str, dropout_p: float = 0.0, cuda: Optional[bool] = None) -> None:
+    """See ``unavailable_reason``; ``cuda=None`` checks the installed packages only."""
     """Raise ``AttentionBackendUnavailable`` (saying what to install or choose) if ``backend``
     cannot run here or cannot do attention dropout."""
     reason = unavailable_reason(backend, cuda)

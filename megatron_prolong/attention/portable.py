@@ -223,6 +223,7 @@ class PortableCoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         backend: Optional[str] = None,
+        device_type: Optional[str] = None,
     ):
         super().__init__(config=config)
         from megatron.core import parallel_state
@@ -254,7 +255,8 @@ class PortableCoreAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.backend = backend or "auto"
         # An unavailable kernel fails here, at model build, saying what to install or choose.
-        check_backend(self.backend, dropout_p=self.dropout_p)
+        check_backend(self.backend, dropout_p=self.dropout_p,
+                      cuda=None if device_type is None else device_type == "cuda")
 
     def forward(
         self,

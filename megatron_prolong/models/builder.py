@@ -47,7 +47,7 @@ def build_transformer_config(spec: ModelSpec, *, on_gpu: bool = False, **overrid
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSpec:
+def layer_spec(use_te: bool, attention_backend: str = "auto", device_type: str | None = None) -> ModuleSpec:
     """TE fused layer spec, or megatron's local spec with the project's portable core attention
     (its kernel: ``attention_backend``) and an RMSNorm that works with sequence parallelism."""
     if use_te:
@@ -58,19 +58,20 @@ def layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSpec:
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=PortableCoreAttention, params={"backend": attention_backend})
+        module=PortableCoreAttention, params={"backend": attention_backend, "device_type": device_type})
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
-def block_spec(config: TransformerConfig, use_te: bool, attention_backend: str = "auto"):
+def block_spec(config: TransformerConfig, use_te: bool, attention_backend: str = "auto",
+               device_type: str | None = None):
     """Layer spec for every layer of this stage, plus the final norm (TE's own when TE is used)."""
     if use_te:
         return layer_spec(True)
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(False, attention_backend)]
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(False, attention_backend, device_type)]
                                       * get_num_layers_to_build(config),
                                       layer_norm=RMSNorm)
 
@@ -84,12 +85,13 @@ def build_gpt_model(
     use_te: bool = False,
     attention_backend: str = "auto",
     loss_chunk_tokens: int = 0,
+    device_type: str | None = None,
 ) -> ProLongGPTModel:
     """A Llama-3 GPTModel for this pipeline stage: TE's fused layer spec or the portable one
     (decided by the caller, once per run: ``training/run.py``)."""
     return ProLongGPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, use_te, attention_backend),
+        transformer_layer_spec=block_spec(config, use_te, attention_backend, device_type),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,

@@ -162,6 +162,12 @@ def validate_decisions(cfg: Config, decisions: Decisions, spec: ModelSpec) -> No
                            te_version=decisions.te_version)
     except ValueError as e:
         raise ConfigError(f"parallel: {e}") from None
+    if not decisions.use_te:
+        from ..attention.backends import unavailable_reason
+
+        reason = unavailable_reason(decisions.attention_backend, cuda=decisions.device_type == "cuda")
+        if reason:
+            raise ConfigError(reason)
     if cfg.data.pad_token_id >= spec.vocab_size:
         raise ConfigError(f"data.pad_token_id={cfg.data.pad_token_id} is outside the vocabulary of "
                           f"{spec.name} ({spec.vocab_size} tokens); choose an id below {spec.vocab_size}")

@@ -66,6 +66,7 @@ def build_model(cfg: Config, run: Run) -> list[DistributedDataParallel]:
         use_te=run.use_te,
         attention_backend=run.decisions.attention_backend,
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        device_type=run.device.type,
     )
     model.to(run.device)
     ddp_config = DistributedDataParallelConfig(

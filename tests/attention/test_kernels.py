@@ -245,4 +245,5 @@ def test_module_refuses_a_cuda_kernel_at_construction_on_cpu():
     pg = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1), cp=None)
     portable.PortableCoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pg, backend="sdpa")
     with pytest.raises(backends.AttentionBackendUnavailable, match="varlen needs a CUDA GPU"):
-        portable.PortableCoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pg, backend="varlen")
+        portable.PortableCoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pg, backend="varlen",
+                                       device_type="cpu")

@@ -112,3 +112,11 @@ def _fake_run(cfg, decisions):
     return run_mod.Run(decisions=decisions, device=torch.device("cpu"), spec=cfg.model.spec(), spec_source="registry",
                        world_size=1, tp_rank=0, pp_rank=0, cp_rank=0, dp_rank=0, dp_size=1,
                        is_first_stage=True, is_last_stage=True)
+
+
+def test_gpu_only_attention_kernel_on_cpu_is_a_config_error():
+    cfg = load_config(None, BASE + ["model.attention_backend=flex"])
+    d = run_mod.decide(cfg, device="cpu", te_version=None, fused_wgrad=False)
+    assert d.attention_backend == "flex"
+    with pytest.raises(ConfigError, match="attention_backend=flex needs a CUDA GPU"):
+        run_mod.validate_decisions(cfg, d, cfg.model.spec())
