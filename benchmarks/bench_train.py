@@ -288,7 +288,7 @@ def our_overrides(job: Job) -> list[str]:
         "data.mock=true",  # the benchmark serves its own LengthMixDataset to the same batch pipeline
         f"train.device={job.device}", f"train.seq_length={job.seq_length}", "train.micro_batch_size=1",
         f"train.global_batch_size={job.global_batch}", f"train.steps={job.warmup + job.steps}",
-        f"train.recompute={job.recompute}", "optim.warmup_ratio=0.0", "logging.interval=1000000",
+        f"train.recompute={job.recompute}", "optim.warmup_ratio=0.0",
     ]
 
 
