@@ -58,6 +58,13 @@ def test_failing_worker_is_recorded_and_the_run_goes_on(tmp_path):
     assert not list(tmp_path.glob(".*.json"))  # the job/result hand-over files are cleaned up
 
 
+def test_worker_past_its_time_limit_is_stopped(tmp_path):
+    job = bench.Job("ours", "llama3-debug", 2, 64, "prolong-64k", 1, 0, 1, "cpu", "full", 0, "off", "auto", 989.0)
+    with open(tmp_path / "bench_train.log", "a") as log:
+        result = bench.run_job(job, tmp_path, log, timeout=0.5)  # still importing torch by then
+    assert result["status"] == "timeout" and result["wall_s"] < 30
+
+
 def test_failure_classification():
     oom = "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 30.00 GiB\n"
     assert bench.classify_failure(1, oom, False)[0] == "oom"
