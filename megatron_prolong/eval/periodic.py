@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -42,9 +43,13 @@ def _ppl(loss: float) -> float:
 
 
 def short_names(prefixes: list[str]) -> list[str]:
-    """File names of the prefixes where those are unique, else the prefixes themselves."""
+    """Dataset names for the report: the prefixes' file names without a shared ``stem.`` (the
+    domains of ``valid_data_prefix``), or the prefixes themselves where file names collide."""
     names = [Path(p).name for p in prefixes]
-    return names if len(set(names)) == len(names) else list(prefixes)
+    if len(set(names)) != len(names):
+        return list(prefixes)
+    cut = os.path.commonprefix(names).rfind(".") + 1 if len(names) > 1 else 0
+    return [n[cut:] for n in names]
 
 
 class PeriodicEvaluator:

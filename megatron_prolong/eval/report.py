@@ -72,8 +72,9 @@ def summary_text(results: dict) -> str:
              f"trained context {_fmt_len(results['trained_length'])}, layout {results['layout']}"]
     ppl: Optional[dict] = results.get("perplexity_by_position")
     if ppl:
+        kind = "" if ppl["whole_documents"] else " (slices of the token stream, not whole documents)"
         lines.append(f"perplexity by position: {ppl['documents']} windows of {_fmt_len(ppl['length'])} from "
-                     f"{ppl['source']}{'' if ppl['whole_documents'] else ' (documents concatenated)'}")
+                     f"{ppl['source']}{kind}")
         lines.append(f"  overall loss {ppl['loss']:.4f}, ppl {ppl['ppl']:.2f}")
         lines.append("  " + " ".join(f"{_fmt_len(b['end']):>6}" for b in ppl["buckets"]) + "  (bucket end)")
         lines.append("  " + " ".join(f"{b['loss']:6.3f}" for b in ppl["buckets"]) + "  (loss)")

@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-task", choices=NEEDLE_TASKS, default="auto",
                    help="passkey (text, needs a tokenizer) or kv (token-level key-value pairs); auto: passkey "
                         "when a tokenizer for the model's vocabulary is available (Llama-3's ships offline)")
-    p.add_argument("--num-needles", type=int, default=4, help="kv task: needles per case (1 asked, the rest distractors)")
+    p.add_argument("--num-needles", type=int, default=4,
+                   help="kv task: needles per case (1 asked, the rest distractors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for the passkey text (default: Llama-3's)")
-    p.add_argument("--ppl-length", type=int, default=None, help="window of the position curve (default: longest length)")
+    p.add_argument("--ppl-length", type=int, default=None,
+                   help="window of the position curve (default: the longest length)")
     p.add_argument("--ppl-documents", type=int, default=8, help="windows for the position curve (default 8)")
     p.add_argument("--tasks", type=_task_list, default=list(TASKS), help="ppl,needle (default: both)")
     p.add_argument("--allow-extrapolation", action="store_true",
@@ -176,8 +178,9 @@ def check_request(args: argparse.Namespace) -> Request:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     world, model_parallel = int(os.environ.get("WORLD_SIZE", "1")), args.tp * args.pp * args.cp
     if world % model_parallel:
-        raise UsageError(f"{world} process(es) cannot hold TP x PP x CP = {args.tp} x {args.pp} x {args.cp}; launch "
-                         f"a multiple of {model_parallel} (torchrun --nproc-per-node {model_parallel} tools/evaluate.py ...)")
+        raise UsageError(f"{world} process(es) cannot hold TP x PP x CP = {args.tp} x {args.pp} x {args.cp}; "
+                         f"launch a multiple of {model_parallel} "
+                         f"(torchrun --nproc-per-node {model_parallel} tools/evaluate.py ...)")
     if args.data is not None:
         for ext in (".bin", ".idx"):
             if not Path(f"{args.data}{ext}").is_file():
@@ -245,8 +248,8 @@ def _tokenizer(req: Request):
         return None
     if a.tokenizer is None and req.spec.vocab_size != LLAMA3_VOCAB_SIZE:
         if a.needle_task == "passkey":
-            raise UsageError(f"--needle-task passkey needs a tokenizer for {req.spec.name}'s {req.spec.vocab_size}-token "
-                             "vocabulary: pass --tokenizer, or use --needle-task kv")
+            raise UsageError(f"--needle-task passkey needs a tokenizer for {req.spec.name}'s "
+                             f"{req.spec.vocab_size}-token vocabulary: pass --tokenizer, or use --needle-task kv")
         return None
     tok = TextTokenizer(a.tokenizer or llama3_tokenizer_dir())
     top = max(tok.encode([PASSKEY_PROBE])[0])
@@ -286,56 +289,81 @@ def token_source(req: Request, tokenizer, kv_task):
 # ------------------------------------------------------------------------------------------------
 
 
-def run_ppl(req: Request, scorer, stream, store) -> dict:
+@dataclass
+class Inputs:
+    """Everything scored, built before the model is loaded (so bad inputs fail fast)."""
+
+    stream: object
+    windows: Optional[list] = None
+    """Perplexity windows (``ppl_length + 1`` tokens each)."""
+    whole_documents: bool = False
+    task: object = None
+    cases: Optional[list] = None
+    """Needle cases."""
+
+
+def prepare_inputs(req: Request) -> Inputs:
     import numpy as np
 
     from .haystack import long_windows
-    from .perplexity import document_sample, position_edges, summarize
+    from .needle import KeyValueTask, PasskeyTask, build_cases
 
-    n = req.ppl_length
-    windows, whole = long_windows(store, stream, n, req.args.ppl_documents, np.random.default_rng([req.args.seed, 1]))
-    edges = position_edges(n)
-    scores = scorer.score([document_sample(w) for w in windows], bucket_edges=edges)
-    return {"length": n, "documents": len(windows), "source": stream.source, "whole_documents": whole,
-            **summarize(scores, edges)}
-
-
-def run_needle(req: Request, scorer, task, stream) -> dict:
-    from .needle import build_cases, mean_by_length, retrieval_grid
-
-    a = req.args
-    try:
-        cases = build_cases(task, stream, req.lengths, a.depths, a.samples_per_cell, a.seed)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    with_choice = all(c.candidates is not None for c in cases)
-    scores = scorer.score([c.sample() for c in cases], top1=True,
-                          candidates=[c.candidates for c in cases] if with_choice else None)
-    cells = retrieval_grid(cases, scores)
-    metrics = ["exact_match", "answer_logprob"] + (["choice_accuracy"] if with_choice else [])
-    return {"task": task.name, "haystack": stream.source, "lengths": req.lengths, "depths": a.depths,
-            "samples_per_cell": a.samples_per_cell, "cases": len(cases), "chance": task.chance if with_choice else None,
-            "cells": cells,
-            "by_length": {m: {str(k): v for k, v in mean_by_length(cells, m).items()} for m in metrics}}
-
-
-def evaluate(req: Request) -> dict:
-    """Collective: build, load, run the tasks; every rank returns the same results."""
-    from ..data.indexed import quiet_library_warnings
-    from ..platform import quiet_known_warnings
-    from .engine import ForwardScorer
-    from .needle import KeyValueTask, PasskeyTask
-    from .state import evaluation_mode
-
-    quiet_library_warnings()
-    quiet_known_warnings()
-    t0 = time.time()
     a = req.args
     tokenizer = _tokenizer(req) if "needle" in a.tasks or a.data is None else None
     task = None
     if "needle" in a.tasks:
         task = PasskeyTask(tokenizer) if tokenizer is not None else KeyValueTask(req.spec.vocab_size, a.num_needles)
     stream, store = token_source(req, tokenizer, task if isinstance(task, KeyValueTask) else None)
+    inputs = Inputs(stream=stream, task=task)
+    if "ppl" in a.tasks:
+        inputs.windows, inputs.whole_documents = long_windows(store, stream, req.ppl_length, a.ppl_documents,
+                                                              np.random.default_rng([a.seed, 1]))
+    if task is not None:
+        try:
+            inputs.cases = build_cases(task, stream, req.lengths, a.depths, a.samples_per_cell, a.seed)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return inputs
+
+
+def run_ppl(req: Request, scorer, inputs: Inputs) -> dict:
+    from .perplexity import document_sample, position_edges, summarize
+
+    edges = position_edges(req.ppl_length)
+    scores = scorer.score([document_sample(w) for w in inputs.windows], bucket_edges=edges)
+    return {"length": req.ppl_length, "documents": len(inputs.windows), "source": inputs.stream.source,
+            "whole_documents": inputs.whole_documents, **summarize(scores, edges)}
+
+
+def run_needle(req: Request, scorer, inputs: Inputs) -> dict:
+    from .needle import mean_by_length, retrieval_grid
+
+    a, cases, task = req.args, inputs.cases, inputs.task
+    with_choice = all(c.candidates is not None for c in cases)
+    scores = scorer.score([c.sample() for c in cases], top1=True,
+                          candidates=[c.candidates for c in cases] if with_choice else None)
+    cells = retrieval_grid(cases, scores)
+    metrics = ["exact_match", "answer_logprob"] + (["choice_accuracy"] if with_choice else [])
+    return {"task": task.name, "haystack": inputs.stream.source, "lengths": req.lengths, "depths": a.depths,
+            "samples_per_cell": a.samples_per_cell, "cases": len(cases), "chance": task.chance if with_choice else None,
+            "cells": cells,
+            "by_length": {m: {str(k): v for k, v in mean_by_length(cells, m).items()} for m in metrics}}
+
+
+def evaluate(req: Request) -> dict:
+    """Collective: build the inputs, load the model, run the tasks; every rank returns the same
+    results."""
+    t0 = time.time()
+    inputs = prepare_inputs(req)
+
+    from ..data.indexed import quiet_library_warnings
+    from ..platform import quiet_known_warnings
+    from .engine import ForwardScorer
+    from .state import evaluation_mode
+
+    quiet_library_warnings()
+    quiet_known_warnings()
+    a = req.args
     cfg, run, model = load_model(req)
     scorer = ForwardScorer(model, cfg, run)
     results = {"checkpoint": str(a.checkpoint), "iteration": req.iteration, "model": req.spec.name,
@@ -343,10 +371,10 @@ def evaluate(req: Request) -> dict:
                "layout": f"TP {a.tp} PP {a.pp} CP {a.cp} DP {run.dp_size}", "device": run.device.type,
                "precision": "bf16" if run.bf16 else "fp32"}
     with evaluation_mode(model):
-        if "ppl" in a.tasks:
-            results["perplexity_by_position"] = run_ppl(req, scorer, stream, store)
-        if task is not None:
-            results["retrieval"] = run_needle(req, scorer, task, stream)
+        if inputs.windows is not None:
+            results["perplexity_by_position"] = run_ppl(req, scorer, inputs)
+        if inputs.cases is not None:
+            results["retrieval"] = run_needle(req, scorer, inputs)
     results["seconds"] = time.time() - t0
     return results
 

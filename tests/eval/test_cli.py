@@ -12,6 +12,8 @@ import pytest
 
 from tests.dist import free_port, run_distributed
 
+from ._helpers import write_initial_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,27 +25,14 @@ def _evaluate(args, nproc=0, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _write_checkpoint(path: str, model: str, seq_length: int):
-    from megatron_prolong.config import load_config
-    from megatron_prolong.parallel import destroy
-    from megatron_prolong.training.checkpoint import save_checkpoint
-    from megatron_prolong.training.run import resolve_run
-    from megatron_prolong.training.setup import build_model
-
-    cfg = load_config(None, [f"model.name={model}", "data.mock=true", "train.device=cpu",
-                             f"train.seq_length={seq_length}", "train.global_batch_size=1"])
-    run = resolve_run(cfg)
-    save_checkpoint(path, 0, build_model(cfg, run), model_spec=run.spec, train_state={"config": cfg.to_dict()})
-    destroy()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     out = {}
     for model, seq in (("llama3-tiny", 256), ("llama3-debug", 64)):
         out[model] = str(root / model)
-        run_distributed(_write_checkpoint, 1, (out[model], model, seq))
+        run_distributed(write_initial_checkpoint, 1,
+                        (out[model], [f"model.name={model}", f"train.seq_length={seq}"]))
     return out
 
 
@@ -94,27 +83,36 @@ def test_torchrun_context_parallel(checkpoints, tmp_path):
     (["--data", "/no/such/prefix"], "/no/such/prefix.bin does not exist"),
     (["--depths", "0.5,2"], "depths must lie in [0, 1]"),
 ])
-def test_bad_arguments_fail_fast_with_a_clear_message(checkpoints, tmp_path, args, message):
+def test_bad_arguments_fail_fast_with_a_clear_message(tmp_path, args, message):
     if "--checkpoint" not in args:
-        args = ["--checkpoint", checkpoints["llama3-debug"]] + args
+        args = ["--checkpoint", _metadata_only_checkpoint(tmp_path / "ckpt", seq_length=64)] + args
     out = _evaluate(args + ["--output", tmp_path / "out"], timeout=120)
     assert out.returncode == 2
     assert message in out.stderr, out.stderr
     assert not (tmp_path / "out").exists()
 
 
+def _metadata_only_checkpoint(root: Path, seq_length=None) -> str:
+    """What evaluate.py reads before loading weights: the folder layout and metadata."""
+    from megatron_prolong.checkpoint_layout import write_checkpoint_meta
+
+    folder = root / "iter_0000000"
+    folder.mkdir(parents=True)
+    spec = {"name": "hf-model", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+            "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 512, "max_position_embeddings": 8192}
+    train_state = {"config": {"train": {"seq_length": seq_length}}} if seq_length else {}
+    write_checkpoint_meta(folder, {"iteration": 0, "model_spec": spec, "has_optimizer": False,
+                                   "train_state": train_state})
+    (folder / "metadata.json").write_text("{}")  # megatron's own marker of a complete folder
+    (root / "latest_checkpointed_iteration.txt").write_text("0\n")
+    return str(root)
+
+
 def test_model_only_checkpoint_without_a_recorded_length(tmp_path):
     """A converted Hugging Face model records no training run: its max_position_embeddings is the
     trained context."""
-    from megatron_prolong.checkpoint_layout import write_checkpoint_meta
     from megatron_prolong.eval.runner import build_parser, check_request
 
-    folder = tmp_path / "iter_0000000"
-    folder.mkdir()
-    spec = {"name": "hf-model", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-            "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 512, "max_position_embeddings": 8192}
-    write_checkpoint_meta(folder, {"iteration": 0, "model_spec": spec, "has_optimizer": False})
-    (folder / "metadata.json").write_text("{}")  # megatron's own marker of a complete folder
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("0\n")
-    req = check_request(build_parser().parse_args(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")]))
+    ckpt = _metadata_only_checkpoint(tmp_path)
+    req = check_request(build_parser().parse_args(["--checkpoint", ckpt, "--output", str(tmp_path / "o")]))
     assert req.trained_length == 8192 and req.lengths == [512, 1024, 2048, 4096, 8192]

@@ -1,6 +1,6 @@
 """``tools/evaluate.py`` scores with the training path: its loss on a sample equals the loss the
 trainer reports for that sample (same weights) at CP=1 and CP=2, and its position buckets and
-retrieval scores do not depend on the layout (CP=2, TP=2 equal one rank)."""
+retrieval scores do not depend on the layout (CP=2, TP=2, PP=2 equal one rank)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 from tests.data._fixtures import write_indexed
 from tests.dist import run_distributed
 
+from ._helpers import write_initial_checkpoint
+
 pytestmark = pytest.mark.distributed
 
 SEQ = 64
@@ -18,20 +20,6 @@ TRAIN = ["model.name=llama3-debug", "model.rotary_base=8e6", "train.device=cpu",
          "logging.interval=100"]
 EVAL = ["--lengths", str(SEQ), "--ppl-documents", "1", "--needle-task", "kv", "--depths", "0,0.5,1",
         "--samples-per-cell", "4", "--device", "cpu"]
-
-
-def _write_initial_weights(path: str):
-    from megatron_prolong.config import load_config
-    from megatron_prolong.parallel import destroy
-    from megatron_prolong.training.checkpoint import save_checkpoint
-    from megatron_prolong.training.run import resolve_run
-    from megatron_prolong.training.setup import build_model
-
-    cfg = load_config(None, TRAIN + ["data.mock=true", "train.seed=11"])
-    run = resolve_run(cfg)
-    # The run's config is what tells evaluate.py the trained context (64 here).
-    save_checkpoint(path, 0, build_model(cfg, run), model_spec=run.spec, train_state={"config": cfg.to_dict()})
-    destroy()
 
 
 def _train_one_step_then_evaluate(init: str, data: str, train_layout: list[str], eval_layouts: list[list[str]]):
@@ -62,7 +50,7 @@ def setup(tmp_path_factory):
     doc = np.random.default_rng(0).integers(0, 512, SEQ + 1)
     data = write_indexed(root / "doc", [doc])
     init = str(root / "init")
-    run_distributed(_write_initial_weights, 1, (init,))
+    run_distributed(write_initial_checkpoint, 1, (init, TRAIN + ["train.seed=11"]))
     return init, data
 
 
@@ -85,15 +73,15 @@ def test_eval_loss_equals_training_loss_single_rank(single):
     assert sum(x["loss"] * x["tokens"] for x in b) / SEQ == pytest.approx(train_loss, rel=1e-6)
 
 
-def test_context_and_tensor_parallel_evaluation_match(setup, single):
+def test_parallel_layouts_evaluate_alike(setup, single):
     train_loss, (reference,) = single
     results = run_distributed(_train_one_step_then_evaluate, 2, (*setup, ["parallel.context=2"],
-                                                                 [["--cp", "2"], ["--tp", "2"]]))
-    for cp_train_loss, (cp, tp) in results:  # every rank returns the same numbers
+                                                                 [["--cp", "2"], ["--tp", "2"], ["--pp", "2"]]))
+    for cp_train_loss, (cp, tp, pp) in results:  # every rank returns the same numbers
         assert cp_train_loss == pytest.approx(train_loss, rel=2e-5)
         # At CP=2 the evaluation equals the CP=2 training step, as at CP=1.
         assert _ppl(cp)["loss"] == pytest.approx(cp_train_loss, rel=1e-6)
-        for ev in (cp, tp):
+        for ev in (cp, tp, pp):
             assert _ppl(ev)["loss"] == pytest.approx(_ppl(reference)["loss"], rel=2e-5)
             for got, want in zip(_ppl(ev)["buckets"], _ppl(reference)["buckets"]):
                 assert (got["start"], got["tokens"]) == (want["start"], want["tokens"])
@@ -101,3 +89,13 @@ def test_context_and_tensor_parallel_evaluation_match(setup, single):
             for got, want in zip(ev["retrieval"]["cells"], reference["retrieval"]["cells"]):
                 assert (got["exact_match"], got["choice_accuracy"]) == (want["exact_match"], want["choice_accuracy"])
                 assert got["answer_logprob"] == pytest.approx(want["answer_logprob"], rel=2e-5)
+
+
+@pytest.mark.gpu
+def test_eval_loss_equals_training_loss_on_gpu(setup):
+    """The same on CUDA: bf16, flex_attention or TE's THD packing where TE is installed."""
+    train_loss, (ev,) = run_distributed(_train_one_step_then_evaluate, 1,
+                                        (*setup, ["train.device=cuda"], [["--device", "cuda"]]))[0]
+    assert ev["device"] == "cuda" and ev["precision"] == "bf16"
+    # Same kernels in the same precision; only the reduction order of the sums may differ.
+    assert _ppl(ev)["loss"] == pytest.approx(train_loss, rel=1e-3)

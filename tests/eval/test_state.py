@@ -32,9 +32,12 @@ def _draws_after(evaluate_first: bool):
     return torch.rand(3), forked, [m.training for m in model], torch.is_grad_enabled(), seen
 
 
+def _with_and_without_evaluation():
+    return _draws_after(False), _draws_after(True)  # each starts from the same seeds
+
+
 def test_evaluation_mode_restores_rng_modes_and_grad():
-    (plain,) = run_distributed(_draws_after, 1, (False,))
-    (evaluated,) = run_distributed(_draws_after, 1, (True,))
+    ((plain, evaluated),) = run_distributed(_with_and_without_evaluation, 1)
     assert evaluated[4] == ([False, False], False)  # inside: eval mode, no autograd
     assert evaluated[2:4] == plain[2:4] == ([True, False], True)
     assert plain[0].tolist() == evaluated[0].tolist()  # torch's generator as if nothing ran

@@ -123,3 +123,12 @@ def test_top1_and_choice_on_hand_built_logits():
     # A shard holding ids [4, 8): nothing of ids < 4 is picked there.
     assert vocab_parallel_pick(logits, ids, 4).tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert vocab_parallel_top1(logits, 4).tolist() == [5, 4]
+
+
+def test_validation_dataset_names():
+    from megatron_prolong.eval.periodic import short_names
+
+    # valid_data_prefix domains: the shared stem goes
+    assert short_names(["d/valid-65536.book-65536", "d/valid-65536.textbooks"]) == ["book-65536", "textbooks"]
+    assert short_names(["a/books", "a/code"]) == ["books", "code"]
+    assert short_names(["a/x", "b/x"]) == ["a/x", "b/x"]  # file names collide: the full prefixes
