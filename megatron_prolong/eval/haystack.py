@@ -81,15 +81,29 @@ def builtin_text(max_chars: int) -> list[str]:
     return texts
 
 
-def text_stream(tokenizer, tokens_needed: int) -> TokenStream:
-    """The built-in text, tokenised: at least ``tokens_needed`` tokens where the standard library
-    has them (about 4 characters per Llama-3 token on code), at most about 1M."""
+class Documents:
+    """Documents in one token array: ``lengths`` and ``doc(d, start, end)``, as ``TokenStore``."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray):
+        self.tokens, self.lengths = tokens, lengths
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+    def doc(self, d: int, start: int = 0, end: Optional[int] = None) -> np.ndarray:
+        end = self.lengths[d] if end is None else end
+        return self.tokens[self.offsets[d] + start: self.offsets[d] + end]
+
+
+def text_stream(tokenizer, tokens_needed: int) -> tuple[TokenStream, Documents]:
+    """The built-in text, tokenised, one document per file: at least ``tokens_needed`` tokens
+    where the standard library has them (about 4 characters per Llama-3 token on code), at most
+    about 1M."""
     ids = tokenizer.encode(builtin_text(min(4_000_000, max(200_000, 6 * tokens_needed))))
-    return TokenStream(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]),
-                       "built-in text (Python standard library sources)")
+    tokens = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+    return (TokenStream(tokens, "built-in text (Python standard library sources)"),
+            Documents(tokens, np.array([len(x) for x in ids], dtype=np.int64)))
 
 
-def long_windows(store: Optional[TokenStore], stream, length: int, count: int,
+def long_windows(store: Optional[TokenStore | Documents], stream, length: int, count: int,
                  rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
     """``count`` windows of ``length + 1`` tokens for perplexity by position, and whether each is
     the start of one document (True) or a slice of concatenated text (False).

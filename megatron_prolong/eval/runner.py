@@ -261,8 +261,8 @@ def _tokenizer(req: Request):
 
 
 def token_source(req: Request, tokenizer, kv_task):
-    """(stream, TokenStore or None, description): --data, else the demo corpus, else built-in text
-    (with a tokenizer), else random ids (the kv task's haystack range)."""
+    """(token stream, its documents or None): --data, else the demo corpus, else built-in text (with
+    a tokenizer), else random ids (the kv task's haystack range)."""
     from ..data.indexed import DataError
     from .haystack import RandomTokens, indexed_stream, text_stream
 
@@ -279,7 +279,7 @@ def token_source(req: Request, tokenizer, kv_task):
         except DataError:
             pass  # the demo corpus is Llama-3 text; a debug vocabulary cannot read it
     if tokenizer is not None:
-        return text_stream(tokenizer, req.max_length), None
+        return text_stream(tokenizer, req.max_length)
     lo, hi = kv_task.haystack_range if kv_task is not None else (0, vocab)
     return RandomTokens(lo, hi), None
 

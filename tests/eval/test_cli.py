@@ -54,6 +54,7 @@ def test_plain_process_with_defaults_passkey_in_text(checkpoints, tmp_path):
     ppl = results["perplexity_by_position"]
     assert ppl["length"] == 256 and ppl["tokens"] == 2 * 256 and len(ppl["buckets"]) == 9
     assert "standard library" in ppl["source"]  # the built-in text: no data given, no demo corpus needed
+    assert ppl["whole_documents"]  # two source files of at least 257 tokens
     ret = results["retrieval"]
     assert ret["task"] == "passkey" and ret["lengths"] == [64, 128, 256] and ret["cases"] == 15
     assert len(ret["cells"]) == 15 and "choice_accuracy" not in ret["cells"][0]
