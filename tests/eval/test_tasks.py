@@ -132,3 +132,35 @@ def test_validation_dataset_names():
     assert short_names(["d/valid-65536.book-65536", "d/valid-65536.textbooks"]) == ["book-65536", "textbooks"]
     assert short_names(["a/books", "a/code"]) == ["books", "code"]
     assert short_names(["a/x", "b/x"]) == ["a/x", "b/x"]  # file names collide: the full prefixes
+
+
+@pytest.mark.parametrize("use_te", [False, True], ids=["portable", "te-thd"])
+def test_side_data_follows_the_tokens_through_the_cp_split(use_te):
+    """Every scored token keeps its sample slot and position through the CP split (and TE's THD
+    packing, which pads each document): over the CP ranks each (slot, position) appears once,
+    next to its own token."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_prolong.eval.engine import ForwardScorer
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for cu in ([0, 5, 16], [0, 16]):  # two documents (THD pads the first to 8), one document
+        tokens = rng.integers(1, 500, 16)
+        samples.append({"tokens": tokens, "labels": tokens + 1, "loss_mask": np.ones(16, dtype=np.float32),
+                        "cu_seqlens": np.array(cu, dtype=np.int32)})
+    seen = []
+    for cp_rank in range(2):
+        cfg = SimpleNamespace(parallel=SimpleNamespace(context=2, tensor=1, sequence_parallel=False))
+        run = SimpleNamespace(cp_rank=cp_rank, use_te=use_te, device=torch.device("cpu"))
+        batch = ForwardScorer([], cfg, run)._micro_batch(samples, [0, 1])
+        keep = batch["loss_mask"].reshape(-1) > 0
+        for name in ("tokens", "eval_slot", "eval_position"):
+            assert batch[name].shape == batch["loss_mask"].shape
+        local = (batch[k].reshape(-1)[keep].tolist() for k in ("tokens", "eval_slot", "eval_position"))
+        for tok, slot, pos in zip(*local):
+            assert samples[slot]["tokens"][pos] == tok
+            seen.append((slot, pos))
+    assert sorted(seen) == [(s, p) for s in range(2) for p in range(16)]
