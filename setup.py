@@ -22,6 +22,8 @@ setup(
         "safetensors",
         "pyyaml",
         "tensorboard",
+        # tools/evaluate.py's plots (perplexity by position, retrieval heatmap).
+        "matplotlib",
         "psutil",
         # megatron-core builds two-level CP groups (TE a2a+p2p) with it.
         "einops",

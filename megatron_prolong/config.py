@@ -224,6 +224,31 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training, on ``data.valid_blend`` (or ``data.valid_data_prefix``).
+
+    The loss is token-averaged like the training loss, through the same forward and CP split,
+    reported overall and per validation dataset (printed and under ``eval/`` in TensorBoard).
+    Evaluation leaves the run untouched: a run with it on trains exactly like one with it off
+    (RNG states, data position and train mode are restored). For long-context measures of a
+    saved checkpoint (perplexity by position, needle retrieval) see ``tools/evaluate.py``."""
+
+    interval: int = 0
+    """Evaluate every N training steps (0: no periodic evaluation)."""
+    samples: Optional[int] = None
+    """Validation samples of ``train.seq_length`` tokens per evaluation, the same ones each time
+    (comparable across steps); must be a multiple of ``train.micro_batch_size`` x data-parallel
+    size. None: ``train.global_batch_size``."""
+    at_end: bool = True
+    """Also evaluate after the last step, when validation data is configured."""
+
+    def __post_init__(self):
+        _require(self.interval >= 0, "eval.interval must be >= 0 (0 disables periodic evaluation)")
+        _require(self.samples is None or self.samples >= 1,
+                 "eval.samples must be >= 1 (or null for one global batch)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -232,9 +257,14 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch_size=1))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         spec, p, t = self.model.spec(), self.parallel, self.train
+        _require(not self.eval.interval or self.data.valid_entries(),
+                 f"eval.interval={self.eval.interval} needs validation data: set data.valid_blend "
+                 "(e.g. {'path/to/valid_prefix': 1.0}; held-out documents), or data.valid_data_prefix with "
+                 "data.mixture; or set eval.interval=0")
         _require(spec.num_attention_heads % p.tensor == 0 and spec.num_query_groups % p.tensor == 0,
                  f"parallel.tensor={p.tensor} must divide the {spec.num_attention_heads} attention heads "
                  f"and {spec.num_query_groups} KV heads of {spec.name}")
@@ -258,6 +288,15 @@ class Config:
         _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                  f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        samples = self.eval_samples()
+        _require(samples % (t.micro_batch_size * dp) == 0,
+                 f"eval.samples={samples} must be a multiple of train.micro_batch_size x data-parallel size = "
+                 f"{t.micro_batch_size} x {dp} (every rank evaluates whole micro-batches); set eval.samples="
+                 f"{max(1, samples // (t.micro_batch_size * dp)) * t.micro_batch_size * dp}")
+
+    def eval_samples(self) -> int:
+        """Validation samples per evaluation (``eval.samples``, default one global batch)."""
+        return self.eval.samples if self.eval.samples is not None else self.train.global_batch_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

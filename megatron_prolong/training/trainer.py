@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Optional
 
 from ..config import Config
 from ..data import build_train_dataset
+from ..eval.periodic import build_periodic_evaluator
 from .checkpoint import Checkpointer, Restored
 from .data_iter import micro_batches, rank_micro_batch_indices
 from .progress import ProgressLogger
@@ -24,6 +25,8 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     interrupted: bool = False
+    evaluations: dict = field(default_factory=dict)
+    """Validation results (``eval.ValidationResult``) by the step they followed."""
 
 
 def train(cfg: Config) -> TrainResult:
@@ -40,6 +43,7 @@ def train(cfg: Config) -> TrainResult:
     restored = checkpointer.restore()
     log.start = restored.iteration
     _log_start(log, cfg, run, restored)
+    evaluator = build_periodic_evaluator(cfg, run, model, log)  # None without validation data
 
     order = _batch_order(cfg, dataset)
     result = TrainResult(iteration=restored.iteration, consumed_samples=restored.consumed_samples)
@@ -57,6 +61,9 @@ def train(cfg: Config) -> TrainResult:
             result.losses[result.iteration] = out.loss
             log.step(result.iteration, out.loss, out.lr, out.grad_norm, t.global_batch_size * t.seq_length,
                      out.skipped)
+            if evaluator is not None and evaluator.due(result.iteration):
+                result.evaluations[result.iteration] = evaluator.evaluate(result.iteration)
+                log.skip_pause()
 
             signalled = preempt.any_rank_received(run.device)
             stop = signalled or result.iteration == t.exit_at_step
