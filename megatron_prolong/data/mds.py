@@ -25,15 +25,15 @@ Compressed shards (``shard.00000.mds.zstd``; zstd, gz, br, snappy, bz2 as stream
 are decompressed in memory one shard at a time, with streaming's own codecs: nothing is written
 next to the input. Samples are decoded with streaming's column codecs from one buffer per shard.
 
-``workers > 1``: worker processes read, decompress, decode and check whole shards and write their
-tokens straight into the output files, at offsets the main process hands out in shard order; so
-the output is byte-identical to a 1-worker run and no token is written twice.
+``workers > 1``: worker processes read, decompress, decode and check whole shards in parallel and
+write their tokens straight into the output files at offsets the main process hands out in shard
+order, one shard at a time (sequential appends, as with one worker); so the output is
+byte-identical to a 1-worker run and no token is written twice.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -269,14 +269,23 @@ def _check_shard_file(task: ShardTask, index_path: Path) -> None:
 
 # -- reading ----------------------------------------------------------------------------------
 
-def shard_bytes(task: ShardTask) -> tuple[bytes | mmap.mmap, np.ndarray]:
-    """The shard's uncompressed bytes - the raw file memory-mapped, or the compressed file
-    decompressed in memory when only that one is there - and its sample offsets, header checked."""
+def shard_bytes(task: ShardTask, buffer: bytearray | None = None) -> tuple[bytes | memoryview, np.ndarray]:
+    """The shard's uncompressed bytes - the raw file read whole (into ``buffer`` when given, reused
+    from shard to shard: fresh 64 MB allocations cost a page fault per 4 KB), or the compressed file
+    decompressed in memory when only that one is there - and its sample offsets, header checked.
+    (Read, not memory-mapped: writing tokens out of a mapping faults page by page, 2-4x slower.)"""
     if os.path.isfile(task.path):
         where = task.path
         with open(where, "rb") as f:
-            # Unmapped when the last array viewing it goes; an empty file cannot be mapped.
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(where) else b""
+            size = os.fstat(f.fileno()).st_size
+            if buffer is None:
+                data = f.read()
+            else:
+                if len(buffer) < size:
+                    buffer.extend(bytes(size - len(buffer)))
+                data = memoryview(buffer)[:size]
+                if f.readinto(data) != size:
+                    raise DataError(f"{where}: shard changed while being read")
     else:
         from streaming.base.compression import decompress
 
@@ -358,12 +367,13 @@ def _chunks(data: np.ndarray, spans: np.ndarray, dtype) -> list[np.ndarray]:
     return [data[a:b] for a, b in spans]
 
 
-def decode_shard(task: ShardTask, opts: ConvertOptions, split: str, with_mask: bool
-                 ) -> dict[str, ShardOutput]:
+def decode_shard(task: ShardTask, opts: ConvertOptions, split: str, with_mask: bool,
+                 buffer: bytearray | None = None) -> dict[str, ShardOutput]:
     """Every sample of one shard, split back into documents, checked and filtered, grouped by
-    output key ("" for a single output)."""
+    output key ("" for a single output). The token chunks are views of the shard's bytes (of
+    ``buffer``, see :func:`shard_bytes`): write them out before decoding the next shard."""
     try:
-        data, offsets = shard_bytes(task)
+        data, offsets = shard_bytes(task, buffer)
         decode = SampleDecoder(task.info)
     except KeyError as e:
         raise DataError(f"{task.path}: shard entry without {e} (corrupt index.json)") from e
@@ -426,32 +436,35 @@ def _pwrite_all(fd: int, chunks: list[np.ndarray], offset: int) -> None:
                 batch[0] = batch[0][n:]
 
 
+def _write_at(outputs: dict[str, ShardOutput], where: dict, fds: dict[str, int]) -> None:
+    """Write each output's chunks where the main process placed them (see ``_run_workers``)."""
+    for key, (bin_path, mask_path, pos) in where.items():
+        out = outputs[key]
+        for path, chunks, offset in ((bin_path, out.tokens, pos * np.dtype(TOKEN_DTYPE).itemsize),
+                                     (mask_path, out.masks, pos)):
+            if path is not None:
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_WRONLY)
+                _pwrite_all(fds[path], chunks, offset)
+
+
 def _worker_main(worker: int, tasks, results, offsets_conn, opts: ConvertOptions, split: str,
                  with_mask: bool) -> None:
     """Worker process: decode shards taken in order, report their document lengths, wait for the
     offsets of their data in the output files, write it there."""
     fds: dict[str, int] = {}
+    buffer = bytearray()
     try:
         while (task := tasks.get()) is not None:
             try:
-                outputs = decode_shard(task, opts, split, with_mask)
+                outputs = decode_shard(task, opts, split, with_mask, buffer)
             except BaseException as e:  # noqa: BLE001 - reported to the main process
                 results.put(("error", task.order, type(e).__name__, str(e), traceback.format_exc()))
                 return
             results.put(("sizes", task.order, worker,
                          {k: (o.lengths, o.stats) for k, o in outputs.items()}))
-            where = offsets_conn.recv()
-            if where is None:
-                return
-            for key, (bin_path, mask_path, pos) in where.items():
-                out = outputs[key]
-                for path, chunks, offset in ((bin_path, out.tokens, pos * np.dtype(TOKEN_DTYPE).itemsize),
-                                             (mask_path, out.masks, pos)):
-                    if path is not None:
-                        if path not in fds:
-                            fds[path] = os.open(path, os.O_WRONLY)
-                        _pwrite_all(fds[path], chunks, offset)
-            del outputs, where
+            _write_at(outputs, offsets_conn.recv(), fds)
+            del outputs  # its chunks view `buffer`, which the next shard may need to grow
             results.put(("done", task.order))
     finally:
         for fd in fds.values():
@@ -479,8 +492,9 @@ def _run_workers(tasks: list[ShardTask], workers: int, opts: ConvertOptions, spl
             task_q.put(t)
         for _ in procs:
             task_q.put(None)
-        reported: dict[int, tuple[int, dict]] = {}
-        next_order, done = 0, 0
+        reported: dict[int, tuple[int, dict]] = {}  # order -> (worker, document lengths)
+        placed: dict[int, tuple[int, dict]] = {}    # order -> (worker, where to write)
+        next_order, next_write, done = 0, 0, 0
         while done < len(tasks):
             try:
                 msg = results.get(timeout=2)
@@ -497,13 +511,19 @@ def _run_workers(tasks: list[ShardTask], workers: int, opts: ConvertOptions, spl
                 raise RuntimeError(f"converting {tasks[order].path} failed: {kind}: {text}\n{tb}")
             if msg[0] == "done":
                 done += 1
-                continue
-            _, order, worker, outputs = msg
-            reported[order] = (worker, outputs)
-            while next_order in reported:
-                worker, outputs = reported.pop(next_order)
-                pipes[worker][1].send(place(next_order, outputs))
-                next_order += 1
+            else:
+                _, order, worker, outputs = msg
+                reported[order] = (worker, outputs)
+                while next_order in reported:
+                    worker, outputs = reported.pop(next_order)
+                    placed[next_order] = (worker, place(next_order, outputs))
+                    next_order += 1
+            # One shard written at a time, in order (sequential appends, as with one worker);
+            # the other workers keep reading and decoding meanwhile.
+            if next_write == done and next_write in placed:
+                worker, where = placed.pop(next_write)
+                pipes[worker][1].send(where)
+                next_write += 1
     finally:
         for p in procs:
             if p.is_alive():
@@ -553,6 +573,12 @@ def convert_mds(input_dirs: list[str], output_prefix: str, opts: ConvertOptions,
             progress(f"[mds_to_indexed] shard {order + 1}/{len(tasks)}  {tok:,} tokens  "
                      f"{tok / dt / 1e6:.1f} M tok/s")
 
+    def write_in_order(order: int, outputs: dict[str, ShardOutput]) -> None:
+        for key, out in outputs.items():
+            if len(out.lengths):
+                writer_for(key).write_part(out.tokens, out.lengths, out.masks)
+        account(order, {k: o.stats for k, o in outputs.items()})
+
     def place(order: int, outputs: dict) -> dict:
         where = {}
         for key, (lengths, _) in outputs.items():
@@ -566,12 +592,10 @@ def convert_mds(input_dirs: list[str], output_prefix: str, opts: ConvertOptions,
     try:
         workers = max(1, min(workers, len(tasks)))
         if workers == 1:
+            buffer = bytearray()
             for task in tasks:
-                outputs = decode_shard(task, opts, split, with_mask)
-                for key, out in outputs.items():
-                    if len(out.lengths):
-                        writer_for(key).write_part(out.tokens, out.lengths, out.masks)
-                account(task.order, {k: o.stats for k, o in outputs.items()})
+                # No reference to the outputs may outlive this call: their chunks view `buffer`.
+                write_in_order(task.order, decode_shard(task, opts, split, with_mask, buffer))
         else:
             _run_workers(tasks, workers, opts, split, with_mask, place)
         summary = _summary(input_dirs, output_prefix, opts, split, totals, writers, with_mask)

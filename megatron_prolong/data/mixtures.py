@@ -19,8 +19,8 @@ Weights are token shares: every sample holds ``seq_length`` tokens of one domain
 equal token shares.
 
 Long data. A domain named ``<source>-<N>`` with ``N`` a power of two of at least 8192 is long data
-meant to supply ``N``-token documents (the release packs books and code repositories with
-``--pack_length N --min_length N``: ``book-65536`` holds 64K-token pieces, ``book-524288`` 512K);
+meant to supply ``N``-token documents (ProLong's README packs long data with datatools'
+``pack --pack_length N --min_length N``: ``book-65536`` holds 64K-token pieces, ``book-524288`` 512K);
 :func:`intended_doc_length` reads that, and the dataset build warns when such a domain cannot fill
 the context it is used at (see ``dataset.long_context_warnings``). Other domains are short data.
 """

@@ -280,3 +280,17 @@ def test_git_lfs_pointer_instead_of_a_shard(release_root, tmp_path, capsys):
     shard = sorted(clone.rglob("shard.00000.mds"))[0]
     shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1234\n")
     _fails(["--input", str(clone)], tmp_path, capsys, "git lfs pull", shard.name)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_of_growing_size(tmp_path, workers):
+    """Shards are read into one reused buffer per process; a bigger shard after a small one grows it."""
+    rng = np.random.default_rng(7)
+    small = write_packed_mds(tmp_path / "in" / "a", {"a": random_docs(rng, 6, hi=20)}, size_limit=1 << 10)
+    big = write_packed_mds(tmp_path / "in" / "b", {"b": random_docs(rng, 6, lo=2000, hi=4000)}, size_limit=1 << 16)
+    out = tmp_path / "p"
+    assert mds_to_indexed.main(["--input", str(tmp_path / "in"), "--output-prefix", str(out),
+                                "--workers", str(workers), "--quiet"]) == 0
+    for name, written in (("a", small), ("b", big)):
+        got = _read_all(f"{out}.{name}")
+        assert len(got) == len(written) and all(np.array_equal(g, e) for (_, e), g in zip(written, got))
