@@ -24,7 +24,8 @@ class DataConfig:
 
     data_prefix: str | None = None
     """Prefix the mixture's domains hang off: domain ``d`` is read from ``{data_prefix}.{d}``,
-    which is what ``tools/mds_to_indexed.py --split-by-domain --output-prefix data_prefix`` writes."""
+    which is what ``tools/mds_to_indexed.py --input <root of domain folders> --output-prefix
+    data_prefix`` writes (one dataset per released folder, e.g. ``{data_prefix}.book-65536``)."""
 
     mock: bool = False
     """Serve synthetic samples (``MockDataset``); no files needed."""
@@ -73,7 +74,7 @@ class DataConfig:
                                  f"{sorted(MIXTURES)} or give an explicit blend")
             if not self.data_prefix:
                 raise ValueError(f"DataConfig.mixture={self.mixture!r} needs data_prefix (the "
-                                 "--output-prefix given to tools/mds_to_indexed.py --split-by-domain)")
+                                 "--output-prefix given to tools/mds_to_indexed.py for the data's root folder)")
         if self.blend is not None:
             self.blend_entries()  # validates
         if self.valid_blend is not None and self.valid_data_prefix is not None:

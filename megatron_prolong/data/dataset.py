@@ -25,7 +25,7 @@ predicted from the previous one), padding has loss_mask 0, and where a loss-mask
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +46,8 @@ class PackedDataset:
         shuffle_samples: serve the samples of each epoch in a seeded random order (as Megatron's
             GPTDataset does), so the windows of one long document do not fill one global batch.
     """
+
+    blend_report: dict | None = None  # set by build_train_dataset
 
     def __init__(self, prefix: str, seq_length: int, num_samples: int, seed: int = 0,
                  sft: bool = False, pad_token_id: int = 0, vocab_size: int | None = None,
@@ -220,6 +222,8 @@ class BlendedDataset:
     (the C++ helper behind Megatron's BlendedDataset: each prefix of the sample order follows the
     weights as closely as possible, deterministically)."""
 
+    blend_report: dict | None = None  # set by build_train_dataset
+
     def __init__(self, datasets: Sequence, dataset_index: np.ndarray, dataset_sample_index: np.ndarray,
                  names: Sequence[str] | None = None):
         self.datasets = list(datasets)
@@ -280,9 +284,15 @@ def order_global_batch(dataset, indices: Sequence[int]) -> list[int]:
     return [indices[p] for p in order]
 
 
-def build_train_dataset(cfg, seq_length: int, seed: int, vocab_size: int, num_samples: int):
+def build_train_dataset(cfg, seq_length: int, seed: int, vocab_size: int, num_samples: int,
+                        log: Callable[[str], None] | None = None):
     """The training dataset for ``cfg`` (a ``DataConfig``): ``len()`` == ``num_samples`` and
-    ``dataset[i]`` the i-th sample of the run. Missing prefixes fail here, naming the file."""
+    ``dataset[i]`` the i-th sample of the run. Missing prefixes fail here, naming the file.
+
+    Prints (through ``log``; default: ``print`` on global rank 0 only) the blend's table -
+    requested and effective token share, samples, epochs and longest document per dataset - and
+    the long-context warnings of :func:`long_context_warnings`; both are also kept as
+    ``dataset.blend_report``."""
     if cfg.mock:
         from .mock import MockDataset
 
@@ -311,5 +321,82 @@ def build_train_dataset(cfg, seq_length: int, seed: int, vocab_size: int, num_sa
         for k, e in enumerate(entries)
     ]
     if len(datasets) == 1:
-        return datasets[0]  # dataset_sample_index is the identity
-    return BlendedDataset(datasets, dataset_index, dataset_sample_index, [e["prefix"] for e in entries])
+        dataset = datasets[0]  # dataset_sample_index is the identity
+    else:
+        dataset = BlendedDataset(datasets, dataset_index, dataset_sample_index, [e["prefix"] for e in entries])
+    dataset.blend_report = blend_report(entries, datasets, seq_length, num_samples, check_long=not cfg.sft)
+    print_blend_report(dataset.blend_report, seq_length, num_samples, log if log is not None else _print_on_rank0)
+    return dataset
+
+
+def blend_report(entries: list[dict], datasets: Sequence[PackedDataset], seq_length: int,
+                 num_samples: int, check_long: bool = True) -> dict:
+    """Per dataset of a built blend: requested and effective share, samples, epochs of its data,
+    longest document (from the ``.idx``) and the long-data length its name announces; plus the
+    long-context warnings (``check_long``; SFT conversations are short by design)."""
+    from .mixtures import domain_of, intended_doc_length
+
+    total = sum(e["weight"] for e in entries)
+    rows = []
+    for e, ds in zip(entries, datasets):
+        rows.append({
+            "prefix": e["prefix"], "name": domain_of(e["prefix"]),
+            "requested": e["weight"] / total,
+            "effective": ds.num_samples / num_samples if num_samples else 0.0,
+            "samples": ds.num_samples,
+            "epochs": ds.num_samples * seq_length / ds.epoch_tokens,
+            "longest": int(ds.store.lengths.max()),
+            "intended": intended_doc_length(e["prefix"]),
+        })
+    warnings_ = long_context_warnings(rows, seq_length) if check_long else []
+    return {"rows": rows, "warnings": warnings_}
+
+
+def long_context_warnings(rows: list[dict], seq_length: int) -> list[str]:
+    """Where the blend's long data cannot fill the context.
+
+    * A long domain (``intended`` = N, from its ``-<N>`` name) whose longest document is shorter
+      than ``min(N, seq_length)``: it does not hold the data its name promises (e.g. 64K pieces
+      under ``book-524288``).
+    * A blend whose long domains have no document of ``seq_length`` tokens at all (e.g. the 64K
+      mixture in a 512K run): attention never spans the context, silently, without this warning.
+    """
+    out = []
+    long_rows = [r for r in rows if r["intended"] is not None]
+    for r in long_rows:
+        expected = min(r["intended"], seq_length)
+        if r["longest"] < expected:
+            out.append(f"{r['name']} is long data meant to supply {r['intended']:,}-token documents, but its "
+                       f"longest document has {r['longest']:,} tokens (< {expected:,}): check that "
+                       f"{r['prefix']} was converted from the {r['intended']}-token folder")
+    if long_rows:
+        longest = max(r["longest"] for r in long_rows)
+        if longest < seq_length:
+            out.append(f"no long-data document of this blend fills the {seq_length:,}-token context (longest: "
+                       f"{longest:,} tokens): attention never spans more than {longest:,} tokens. Use a "
+                       "mixture made for this length (e.g. prolong-512k for 524288) or a shorter seq_length")
+    return out
+
+
+def print_blend_report(report: dict, seq_length: int, num_samples: int, log: Callable[[str], None]) -> None:
+    rows = report["rows"]
+    width = max(len(r["name"]) for r in rows)
+    log(f"[data] {len(rows)} dataset(s), {num_samples:,} samples of {seq_length:,} tokens; token shares:")
+    log(f"[data]   {'dataset'.ljust(width)}  requested  effective   samples   epochs  longest doc")
+    for r in rows:
+        log(f"[data]   {r['name'].ljust(width)}  {r['requested']:>8.2%}  {r['effective']:>9.2%}  "
+            f"{r['samples']:>8,}  {r['epochs']:>7.3g}  {r['longest']:>11,}")
+    for w in report["warnings"]:
+        log(f"[data] WARNING: {w}")
+
+
+def _print_on_rank0(message: str) -> None:
+    """``print`` once per job: on global rank 0 (torch.distributed's rank, else ``RANK``)."""
+    import os
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    rank = dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() \
+        else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(message, flush=True)

@@ -153,15 +153,14 @@ class AtomicIndexedWriter:
             raise DataError(f"{self.prefix}: every document needs a loss mask of its length "
                             f"(document {self.documents}: {len(tokens)} tokens, mask "
                             f"{None if mask is None else len(mask)})")
-        lengths = (spans[:, 1] - spans[:, 0]).tolist()
-        self._append(self._builder, tokens, spans, TOKEN_DTYPE, lengths)
+        lengths = spans[:, 1] - spans[:, 0]
+        self._append(self._builder, tokens, spans, TOKEN_DTYPE)
         if self._mask_builder is not None:
-            self._append(self._mask_builder, mask, spans, MASK_DTYPE, lengths)
-        self.documents += len(lengths)
-        self.tokens += int(sum(lengths))
+            self._append(self._mask_builder, mask, spans, MASK_DTYPE)
+        self._register(lengths)
 
     @staticmethod
-    def _append(builder, data: np.ndarray, spans: np.ndarray, dtype, lengths: list[int]) -> None:
+    def _append(builder, data: np.ndarray, spans: np.ndarray, dtype) -> None:
         data = np.asarray(data)
         if np.all(spans[1:, 0] == spans[:-1, 1]):
             chunk = data[spans[0, 0]:spans[-1, 1]]
@@ -171,26 +170,45 @@ class AtomicIndexedWriter:
             chunk = chunk.view(np.int32)  # ids were checked < vocab_size <= 2**31: same bits
         chunk = np.ascontiguousarray(chunk, dtype=dtype)
         builder.data_file.write(memoryview(chunk).cast("B"))
-        first = len(builder.sequence_lengths)
-        builder.sequence_lengths.extend(lengths)
-        builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
 
-    def add_index(self, prefix: str) -> None:
-        """Append a whole dataset (e.g. a worker's part), in order. Unlike
-        ``IndexedDatasetBuilder.add_index`` this does not run ``gc.collect()`` per call, which
-        costs about half a second each once torch and megatron-core are loaded."""
-        import shutil
-
-        pairs = [(self._builder, prefix)]
+    def write_part(self, tokens: list[np.ndarray], lengths: np.ndarray,
+                   masks: list[np.ndarray] | None = None) -> None:
+        """Append documents given as token chunks (concatenated, they are the documents of
+        ``lengths`` in order); ``masks`` are the aligned loss-mask chunks. No copy is made: each
+        chunk is written as it is (int32 / uint8)."""
+        self._check_part(masks)
+        for chunk in tokens:
+            self._builder.data_file.write(memoryview(chunk).cast("B"))
         if self._mask_builder is not None:
-            pairs.append((self._mask_builder, mask_prefix(prefix)))
-        for builder, pre in pairs:
-            lengths = document_lengths(open_indexed(pre)).tolist()
-            with open(f"{pre}.bin", "rb") as f:
-                shutil.copyfileobj(f, builder.data_file, 1 << 24)
-            first = len(builder.sequence_lengths)
-            builder.sequence_lengths.extend(lengths)
-            builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
+            for chunk in masks:
+                self._mask_builder.data_file.write(memoryview(chunk).cast("B"))
+        self._register(lengths)
+
+    def reserve(self, lengths: np.ndarray) -> int:
+        """Register documents whose data another process writes into :attr:`data_paths` itself;
+        returns their first token's position (tokens at ``4 * pos`` bytes, mask at ``pos``).
+        ``finalize`` checks that the files were filled exactly."""
+        first = self.tokens
+        self._register(lengths)
+        return first
+
+    @property
+    def data_paths(self) -> tuple[str, str | None]:
+        """Temporary ``.bin`` paths (tokens, loss mask or None) that :meth:`reserve` hands out."""
+        return self._tmp + ".bin", (mask_prefix(self._tmp) + ".bin" if self.with_mask else None)
+
+    def _check_part(self, masks) -> None:
+        if (self._mask_builder is not None) != (masks is not None):
+            raise DataError(f"{self.prefix}: loss masks must be given for every document of a "
+                            "dataset with a mask, and only then")
+
+    def _register(self, lengths: np.ndarray) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64).tolist()
+        for builder in (self._builder, self._mask_builder):
+            if builder is not None:
+                first = len(builder.sequence_lengths)
+                builder.sequence_lengths.extend(lengths)
+                builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
         self.documents += len(lengths)
         self.tokens += int(sum(lengths))
 
@@ -201,11 +219,18 @@ class AtomicIndexedWriter:
         return [(a + ext, b + ext) for a, b in prefixes for ext in (".bin", ".idx")]
 
     def finalize(self) -> None:
-        """Write the .idx files (still under temporary names)."""
+        """Write the .idx files (still under temporary names), after checking that each .bin
+        holds exactly the registered tokens (data written by other processes included)."""
         if not self._finalized:
-            self._builder.finalize(self._tmp + ".idx")
+            pairs = [(self._builder, self._tmp, np.dtype(TOKEN_DTYPE).itemsize)]
             if self._mask_builder is not None:
-                self._mask_builder.finalize(mask_prefix(self._tmp) + ".idx")
+                pairs.append((self._mask_builder, mask_prefix(self._tmp), np.dtype(MASK_DTYPE).itemsize))
+            for builder, tmp, itemsize in pairs:
+                builder.data_file.close()
+                size, expected = os.path.getsize(tmp + ".bin"), self.tokens * itemsize
+                if size != expected:  # a bug, never bad input: refuse to write a wrong pair
+                    raise DataError(f"{tmp}.bin: {size} bytes written, {expected} expected")
+                builder.finalize(tmp + ".idx")
             self._finalized = True
 
     def commit(self) -> None:
@@ -241,14 +266,30 @@ def commit_all(writers: Iterable[AtomicIndexedWriter], summary_path: str | None 
         os.replace(tmp, summary_path)
 
 
-def length_histogram(lengths: np.ndarray) -> dict[str, int]:
-    """Document counts per power-of-two length bucket, keys like ``"1024-2047"``."""
+def length_buckets(lengths: np.ndarray) -> np.ndarray:
+    """Document counts per power-of-two length bucket (entry ``b``: lengths in [2**b, 2**(b+1)));
+    arrays of different sizes add up after padding, see :func:`add_buckets`."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) == 0:
-        return {}
-    buckets = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
-    counts = np.bincount(buckets)
+        return np.zeros(0, dtype=np.int64)
+    return np.bincount(np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+
+
+def add_buckets(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.zeros(max(len(a), len(b)), dtype=np.int64)
+    out[:len(a)] += a
+    out[:len(b)] += b
+    return out
+
+
+def histogram_dict(counts: np.ndarray) -> dict[str, int]:
+    """``length_buckets`` counts as ``{"1024-2047": n, ...}`` (empty buckets left out)."""
     return {f"{1 << b}-{(1 << (b + 1)) - 1}": int(c) for b, c in enumerate(counts) if c}
+
+
+def length_histogram(lengths: np.ndarray) -> dict[str, int]:
+    """Document counts per power-of-two length bucket, keys like ``"1024-2047"``."""
+    return histogram_dict(length_buckets(lengths))
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:

@@ -232,3 +232,67 @@ def test_sample_shuffle_is_a_seeded_permutation_within_epochs(tmp_path):
     # One epoch holds 398 // 16 = 24 whole windows: those are served first, in a new order.
     first_epoch = int(shuffled.epoch_first_sample[1])
     assert sorted(served[:first_epoch]) == sorted(windows[:first_epoch])
+
+
+# ---- the blend report: token shares and the long-context check -----------------------------------
+
+def _long_prefixes(tmp_path, lengths: dict[str, list[int]]) -> str:
+    """P.<domain> datasets whose documents have the given lengths; returns P."""
+    for domain, lens in lengths.items():
+        write_indexed(tmp_path / f"p.{domain}", [np.full(n, 7, dtype=np.int32) for n in lens])
+    return str(tmp_path / "p")
+
+
+def _build(blend, seq_length, num_samples=4):
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny datasets repeat
+        ds = build_train_dataset(DataConfig(blend=blend), seq_length, 0, 1000, num_samples, log=lines.append)
+    return ds, lines
+
+
+def test_64k_pieces_in_a_512k_run_warn_and_a_fitting_mix_does_not(tmp_path):
+    K64, K512 = 65536, 524288
+    p = _long_prefixes(tmp_path, {"book-65536": [K64, K64], "book-524288": [K64] * 3,  # 64K pieces
+                                  "thestackv1_concat_by_repo-524288": [K512], "fineweb-edu": [900, 40]})
+    fitting = {f"{p}.book-65536": 0.25, f"{p}.thestackv1_concat_by_repo-524288": 0.15, f"{p}.fineweb-edu": 0.6}
+    ds, lines = _build(fitting, K512)
+    assert ds.blend_report["warnings"] == [] and not any("WARNING" in l for l in lines)
+    # book-524288 holding 64K pieces: attention would never span more than 64K for that share
+    ds, lines = _build({**fitting, f"{p}.book-524288": 0.05}, K512)
+    (warning,) = ds.blend_report["warnings"]
+    assert "book-524288 is long data meant to supply 524,288-token documents" in warning
+    assert "longest document has 65,536 tokens" in warning
+    assert any(l.startswith("[data] WARNING: book-524288") for l in lines)
+    # the 64K mix used in a 512K run: nothing fills the context
+    ds, _ = _build({f"{p}.book-65536": 0.3, f"{p}.fineweb-edu": 0.7}, K512)
+    assert ds.blend_report["warnings"] == [
+        "no long-data document of this blend fills the 524,288-token context (longest: 65,536 tokens): "
+        "attention never spans more than 65,536 tokens. Use a mixture made for this length (e.g. "
+        "prolong-512k for 524288) or a shorter seq_length"]
+    # ... and the same mix at 64K fits
+    ds, _ = _build({f"{p}.book-65536": 0.3, f"{p}.fineweb-edu": 0.7}, K64)
+    assert ds.blend_report["warnings"] == []
+
+
+def test_blend_report_requested_vs_effective(three_domains):
+    blend = {three_domains["code"]: 0.5, three_domains["books"]: 0.3, three_domains["web"]: 0.2}
+    ds, lines = _build(blend, 32, num_samples=1000)
+    rows = ds.blend_report["rows"]
+    served = np.bincount([list(blend).index(ds.source(i)) for i in range(len(ds))], minlength=3)
+    assert [r["samples"] for r in rows] == served.tolist()
+    for r, w in zip(rows, blend.values()):
+        assert r["requested"] == pytest.approx(w) and abs(r["effective"] - w) <= 1e-3
+        assert r["intended"] is None and r["longest"] > 0
+    assert lines[1].split() == ["[data]", "dataset", "requested", "effective", "samples", "epochs", "longest", "doc"]
+    assert lines[2].split()[1:4] == ["code", "50.00%", "50.00%"]
+
+
+def test_intended_doc_length_of_released_names():
+    from megatron_prolong.data.mixtures import intended_doc_length
+
+    assert intended_doc_length("book-524288") == 524288
+    assert intended_doc_length("data/p/long-context-524288.thestackv1_concat_by_repo-65536") == 65536
+    assert [intended_doc_length(d) for d in ("fineweb-2023-50", "textbooks", "fineweb-edu", "x-1000")] == [None] * 4
+    long_64k = {d for d in MIXTURES["prolong-64k"] if intended_doc_length(d)}
+    assert long_64k == {"thestackv1_concat_by_repo-65536", "book-65536"}

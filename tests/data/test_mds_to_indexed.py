@@ -167,3 +167,130 @@ def test_cli_exit_code(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 1
     assert "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- compressed shards, ProLong's released layout, naming -----------------------------------------
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("compression, workers", [(None, 1), ("zstd", 1), ("zstd:7", 2), ("gz", 1),
+                                                  ("br", 1), ("snappy", 1), ("bz2", 2)])
+def test_compressed_shards_read_directly_exact_and_nothing_left_behind(tmp_path, compression, workers):
+    rng = np.random.default_rng(5)
+    docs = {"book": random_docs(rng, 30, hi=200), "web": random_docs(rng, 20, hi=40)}
+    written = write_packed_mds(tmp_path / "in", docs, compression=compression, size_limit=1 << 11)
+    shards = sorted(p.name for p in (tmp_path / "in").glob("shard.*"))
+    assert len(shards) > 2 and all(p.endswith(".mds") == (compression is None) for p in shards)
+    before = _files(tmp_path / "in")
+    out = tmp_path / "out" / "p"
+    assert mds_to_indexed.main(["--input", str(tmp_path / "in"), "--output-prefix", str(out), "--split-by",
+                                "field", "--workers", str(workers), "--quiet"]) == 0
+    for domain in docs:  # every `indices` piece back, exactly, in order
+        expected = [d for dom, d in written if dom == domain]
+        got = _read_all(f"{out}.{domain}")
+        assert len(got) == len(expected) and all(np.array_equal(g, e) for g, e in zip(got, expected))
+    assert _files(tmp_path / "in") == before  # no decompressed copy next to the input
+    assert _files(tmp_path / "out") == {f"p.{d}.{ext}" for d in docs for ext in ("bin", "idx")} | {"p.summary.json"}
+
+
+RELEASE = {"book-65536": "book", "book-524288": "book", "thestackv1_concat_by_repo-65536": "thestackv1_concat_by_repo",
+           "fineweb-edu": "fineweb-edu"}
+
+
+@pytest.fixture(scope="module")
+def release_root(tmp_path_factory):
+    from tests.data._fixtures import write_release_miniature
+
+    rng = np.random.default_rng(6)
+    root = tmp_path_factory.mktemp("release") / "long-context-524288"
+    docs = {name: random_docs(rng, 9, lo=20, hi=150) for name in RELEASE}
+    write_release_miniature(root, RELEASE, docs, compression={"book-65536": "zstd", "fineweb-edu": "gz"},
+                            merged={"book-65536", "fineweb-edu"})
+    (root / "README.md").write_text("dataset card\n")  # as in a clone of the HF repo
+    return root, docs
+
+
+@pytest.mark.parametrize("flags", [[], ["--split-by-domain"], ["--split-by", "folder", "--workers", "2"]])
+def test_release_layout_one_dataset_per_folder_named_after_it(release_root, tmp_path, capsys, flags):
+    root, docs = release_root
+    assert (root / "book-65536" / "index.json").is_file() and not (root / "book-524288" / "index.json").exists()
+    out = tmp_path / "p"
+    assert mds_to_indexed.main(["--input", str(root), "--output-prefix", str(out), "--quiet", *flags]) == 0
+    for name in RELEASE:  # book-65536 and book-524288 stay apart although both say domain="book"
+        got = _read_all(f"{out}.{name}")
+        assert len(got) == len(docs[name]) and all(np.array_equal(g, e) for g, e in zip(got, docs[name]))
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["split_by"] == "folder" and set(summary["domains"]) == set(RELEASE)
+    book = summary["domains"]["book-524288"]
+    assert book["domain_field"] == {"book": 9} and list(book["folders"]) == [str(root / "book-524288")]
+    assert book["longest_document"] == max(len(d) for d in docs["book-524288"])
+    assert "book-524288: 9 documents" in capsys.readouterr().out
+
+
+def test_release_layout_parallel_output_is_byte_identical(release_root, tmp_path):
+    root, _ = release_root
+    for w in (1, 2):
+        assert mds_to_indexed.main(["--input", str(root), "--output-prefix", str(tmp_path / f"w{w}"),
+                                    "--workers", str(w), "--quiet"]) == 0
+    for name in RELEASE:
+        for ext in (".bin", ".idx"):
+            assert Path(f"{tmp_path}/w1.{name}{ext}").read_bytes() == Path(f"{tmp_path}/w2.{name}{ext}").read_bytes()
+
+
+def test_split_by_field_merges_folders_and_says_so(release_root, tmp_path, capsys):
+    root, docs = release_root
+    out = tmp_path / "p"
+    assert mds_to_indexed.main(["--input", str(root), "--output-prefix", str(out), "--split-by", "field",
+                                "--quiet"]) == 0
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert set(summary["domains"]) == {"book", "thestackv1_concat_by_repo", "fineweb-edu"}
+    assert list(summary["domains"]["book"]["folders"]) == [str(root / "book-524288"), str(root / "book-65536")]
+    assert len(_read_all(f"{out}.book")) == len(docs["book-65536"]) + len(docs["book-524288"])
+    assert "note: book merges 2 folders" in capsys.readouterr().out
+
+
+def test_a_domain_folder_of_part_folders_is_one_dataset(release_root, tmp_path):
+    root, docs = release_root
+    out = tmp_path / "books"
+    assert mds_to_indexed.main(["--input", str(root / "book-524288"), "--output-prefix", str(out), "--quiet"]) == 0
+    got = _read_all(out)
+    assert len(got) == len(docs["book-524288"]) and all(np.array_equal(g, e) for g, e in zip(got, docs["book-524288"]))
+
+
+def test_mixture_filter_and_name_clashes(release_root, tmp_path, capsys):
+    root, _ = release_root
+    _fails(["--input", str(root), "--mixture", "prolong-64k"], tmp_path, capsys,
+           "'textbooks'", "not found in the input")
+    # the same folder name from two inputs would silently merge: refused
+    other = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(root / "fineweb-edu", other / "fineweb-edu")
+    _fails(["--input", str(root), str(other)], tmp_path, capsys, "would both be written", "fineweb-edu")
+
+
+def test_git_lfs_pointer_instead_of_a_shard(release_root, tmp_path, capsys):
+    import shutil
+
+    root, _ = release_root
+    clone = tmp_path / "clone"
+    shutil.copytree(root / "book-524288", clone)
+    shard = sorted(clone.rglob("shard.00000.mds"))[0]
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1234\n")
+    _fails(["--input", str(clone)], tmp_path, capsys, "git lfs pull", shard.name)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_of_growing_size(tmp_path, workers):
+    """Shards are read into one reused buffer per process; a bigger shard after a small one grows it."""
+    rng = np.random.default_rng(7)
+    small = write_packed_mds(tmp_path / "in" / "a", {"a": random_docs(rng, 6, hi=20)}, size_limit=1 << 10)
+    big = write_packed_mds(tmp_path / "in" / "b", {"b": random_docs(rng, 6, lo=2000, hi=4000)}, size_limit=1 << 16)
+    out = tmp_path / "p"
+    assert mds_to_indexed.main(["--input", str(tmp_path / "in"), "--output-prefix", str(out),
+                                "--workers", str(workers), "--quiet"]) == 0
+    for name, written in (("a", small), ("b", big)):
+        got = _read_all(f"{out}.{name}")
+        assert len(got) == len(written) and all(np.array_equal(g, e) for (_, e), g in zip(written, got))
