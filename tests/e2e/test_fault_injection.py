@@ -57,6 +57,8 @@ class _Job:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.lines: list[tuple[float, str]] = []
+        self.seen: dict = {}
+        """Every process of this job's tree seen so far (to clean up after the agent is gone)."""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -86,7 +88,9 @@ class _Job:
     def descendants(self) -> list:
         import psutil
 
-        return psutil.Process(self.proc.pid).children(recursive=True)
+        found = psutil.Process(self.proc.pid).children(recursive=True)
+        self.seen.update({p.pid: p for p in found})
+        return found
 
     def finish(self, timeout: float = 300) -> int:
         rc = self.proc.wait(timeout=timeout)
@@ -97,10 +101,11 @@ class _Job:
         """Cleanup of whatever is left (exact pids of this job's process tree)."""
         import psutil
 
+        procs = list(self.seen.values())
         try:
-            procs = [psutil.Process(self.proc.pid)] + self.descendants()
+            procs = [psutil.Process(self.proc.pid)] + self.descendants() + procs
         except psutil.NoSuchProcess:
-            procs = []
+            pass
         for p in procs:
             try:
                 p.kill()
