@@ -6,8 +6,11 @@ is replaced atomically, so a crash or pre-emption mid-save never leaves somethin
 a checkpoint. A model-only checkpoint (no optimizer; what the Hugging Face converter writes)
 initialises a run.
 
-``save_checkpoint`` / ``load_checkpoint`` are the collective mechanics; ``Checkpointer`` owns a
-run's policy (when to save, keep-last, optimizer format, what to restore).
+``save_checkpoint`` / ``load_checkpoint`` are the collective mechanics (``begin_save`` plans a save
+whose write can run in a forked process; its finalisation renames it once every rank has
+written); ``Checkpointer`` owns a run's policy (when to save, background or not, keep-last,
+optimizer format, never from non-finite state, what to restore). A damaged checkpoint fails on
+load naming its file (``checkpoint_integrity``). See docs/fault_tolerance.md.
 """
 
 from __future__ import annotations
@@ -147,11 +150,11 @@ def begin_save(
 ) -> PendingSave:
     """Collective: plan the save into ``.iter_N.partial`` and return it, not yet written.
 
-    Run ``request.execute_sync()``, or with ``forked_writer`` schedule it on megatron's
-    ``AsyncCallsQueue`` (a forked process writes) to write.
-    Before returning, the state to write is captured: CPU tensors are the live ones (a forked
-    writer sees them as of the fork); megatron's ``preload_fn`` copies GPU tensors to host memory
-    when the request is scheduled or executed.
+    Write it with ``request.execute_sync()`` or, with ``forked_writer``, by scheduling the request
+    on megatron's ``AsyncCallsQueue`` (a forked process writes; schedule it before the next
+    optimizer step). What is written is the state at that point: megatron's ``preload_fn`` copies
+    GPU tensors to host memory when the request is scheduled, and a forked writer sees CPU tensors
+    as they were at the fork.
     """
     started = time.time()
     root = Path(save_dir)
@@ -175,15 +178,15 @@ def begin_save(
         _sharded_state(model, optimizer, scheduler, is_loading=False, optimizer_format=optimizer_format),
         str(partial), async_sharded_save=True)
     if request.async_fn is not None:
-        request = request._replace(async_fn=partial_fn(_write_then_report, request.async_fn, iteration,
+        request = request._replace(async_fn=partial_fn(_write_files, request.async_fn, iteration,
                                                        forked_writer))
     # megatron's own finalisation (the DCP index, metadata.json, a barrier) comes first.
     request.add_finalize_fn(partial_fn(_finalize_save, root, partial, final, meta, keep_last, started))
     return PendingSave(iteration, final, request, started)
 
 
-def _write_then_report(write_fn, iteration: int, forked: bool, *args, **kwargs) -> None:
-    """This rank's file writes, in a forked writer process (async) or in the trainer (sync)."""
+def _write_files(write_fn, iteration: int, forked: bool, *args, **kwargs) -> None:
+    """Write this rank's files: in a forked writer process (background save) or in the trainer."""
     from .faults import before_write
 
     if forked:
@@ -589,8 +592,11 @@ def non_finite_tensors(model: list, optimizer=None) -> list[str]:
                           if torch.is_tensor(v) and v.is_floating_point()]
     if not named:
         return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()  # one device sync
-    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+    # A sum is a cheap test (memory-bound; one device sync for all): a NaN or an infinity makes it
+    # non-finite. So can an overflow of huge finite values, hence the exact check of those only.
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for _, t in named])
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+    return [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
 
 
 def _damaged_files(ckpt: Path) -> list[str]:

@@ -38,7 +38,7 @@ def _read_all(folder):
     return out
 
 
-def _background_then_sync(root: str):
+def _background_then_sync(root: str, base: list[str] = BASE, slow: str = "slow_save@2:1=4,slow_save@4=2"):
     import torch
 
     from megatron_prolong.config import load_config
@@ -58,16 +58,16 @@ def _background_then_sync(root: str):
 
     # Rank 1's writer of step 2 starts 4 s late; the writers of step 4 start 2 s late, so that
     # save is still pending when exit_at_step=5 forces a (synchronous) save.
-    os.environ[faults.ENV] = "slow_save@2:1=4,slow_save@4=2"
+    os.environ[faults.ENV] = slow
     trainer.train_step = observing_step
     try:
-        first = trainer.train(load_config(None, BASE + [f"checkpoint.save_dir={background}", "checkpoint.save_interval=2",
+        first = trainer.train(load_config(None, base + [f"checkpoint.save_dir={background}", "checkpoint.save_interval=2",
                                                         "train.exit_at_step=5"]))
     finally:
         trainer.train_step = real_step
         del os.environ[faults.ENV]
     state = (latest_iteration(background), sorted(p.name for p in os.scandir(background)))
-    trainer.train(load_config(None, BASE + [f"checkpoint.save_dir={sync}", "checkpoint.async_save=false",
+    trainer.train(load_config(None, base + [f"checkpoint.save_dir={sync}", "checkpoint.async_save=false",
                                             "train.exit_at_step=2"]))
     destroy()
     a, b = _read_all(iteration_dir(background, 2)), _read_all(iteration_dir(sync, 2))
@@ -89,3 +89,16 @@ def test_background_save_completes_after_every_rank_and_holds_the_saved_step(tmp
         # Written while steps 3-4 changed the weights, the background checkpoint holds step 2's
         # state exactly: the same bytes as a synchronous save of step 2.
         assert n_items > 50 and differ == []
+
+
+@pytest.mark.gpu
+def test_background_save_on_cuda_holds_the_saved_step(tmp_path):
+    """On a GPU the writer gets host copies staged by megatron's ``preload_fn`` before the fork
+    (bf16 weights, fp32 main weights and moments); one rank, all writers slow."""
+    base = [o for o in BASE if o not in ("train.device=cpu", "parallel.tensor=2")] + ["train.device=cuda"]
+    seen, (latest, names), losses, n_items, differ = run_distributed(
+        _background_then_sync, 1, (str(tmp_path), base, "slow_save@2=4,slow_save@4=2"))[0]
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert seen[2] == (3, False, True)
+    assert latest == 5 and "iter_0000002" in names and "iter_0000004" in names
+    assert n_items > 20 and differ == []

@@ -150,3 +150,21 @@ def test_integrity_names_truncated_missing_and_non_finite_files(tmp_path):
     assert any(p.startswith(f"{data}: truncated") for p in integrity.storage_problems(folder))
     data.unlink()
     assert any(p.startswith(f"{data}: missing") for p in integrity.storage_problems(folder))
+
+
+def test_non_finite_check_is_exact():
+    """The cheap sum test flags overflowing finite values too; those are confirmed, not reported."""
+    from megatron_prolong.training.checkpoint import non_finite_tensors
+
+    class Weights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.ones(10))
+            self.huge = torch.nn.Parameter(torch.full((4,), 3e38))  # finite, but the sum overflows
+            self.c = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+
+    w = Weights()
+    assert non_finite_tensors([w]) == []
+    with torch.no_grad():
+        w.a[3], w.c[1] = float("nan"), float("-inf")
+    assert non_finite_tensors([w]) == ["a", "c"]

@@ -41,8 +41,8 @@ def _state(model, optimizer, scheduler) -> dict:
     return out
 
 
-def _skip_leaves_state_alone(precision: str):
-    """Two good steps, a step whose batch is poisoned on rank 1 only, then a good step."""
+def _skip_leaves_state_alone(precision: str, device: str = "cpu"):
+    """Two good steps, a step whose batch is poisoned on the last rank only, then a good step."""
     import torch
 
     from megatron_prolong.config import load_config
@@ -54,7 +54,8 @@ def _skip_leaves_state_alone(precision: str):
     from megatron_prolong.training.step import any_rank, train_step
     from megatron_prolong.training.trainer import step_batches
 
-    cfg = load_config(None, BASE + [f"train.precision={precision}"])
+    cfg = load_config(None, [o for o in BASE if o != "train.device=cpu"] + [f"train.precision={precision}",
+                                                                          f"train.device={device}"])
     run = resolve_run(cfg)
     model = build_model(cfg, run)
     optimizer = build_optimizer(cfg, run, model)
@@ -62,11 +63,12 @@ def _skip_leaves_state_alone(precision: str):
     t = cfg.train
     dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed, vocab_size=run.spec.vocab_size,
                                   num_samples=t.steps * t.global_batch_size)
-    os.environ[faults.ENV] = "nan@3:1"
+    os.environ[faults.ENV] = f"nan@3:{run.dp_size - 1}"
 
     def step(k):
         batches = faults.inject(k, step_batches(cfg, run, dataset, (k - 1) * t.global_batch_size, None))
-        return train_step(model, optimizer, scheduler, batches, num_microbatches=2, seq_length=t.seq_length,
+        return train_step(model, optimizer, scheduler, batches, num_microbatches=4 // run.dp_size,
+                          seq_length=t.seq_length,
                           micro_batch_size=1, global_batch_size=t.global_batch_size, device=run.device)
 
     outs = [step(1), step(2)]
@@ -75,16 +77,18 @@ def _skip_leaves_state_alone(precision: str):
     after = _state(model, optimizer, scheduler)
     outs.append(step(4))
     changed_by_step_4 = [k for k, v in _state(model, optimizer, scheduler).items() if not torch.equal(v, after[k])]
-    decisions = (any_rank(run.dp_rank == 1, run.device), any_rank(False, run.device))
+    decisions = (any_rank(run.dp_rank == run.dp_size - 1, run.device), any_rank(False, run.device))
     destroy()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     return [(o.skipped, o.skip_reason, o.loss) for o in outs], len(before), unchanged, changed_by_step_4, decisions
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_skipped_step_leaves_weights_optimizer_and_schedule_untouched(precision):
+@pytest.mark.parametrize("precision, device, ranks", [
+    ("fp32", "cpu", 2), ("bf16", "cpu", 2), pytest.param("bf16", "cuda", 1, marks=pytest.mark.gpu)])
+def test_skipped_step_leaves_weights_optimizer_and_schedule_untouched(precision, device, ranks):
     """bf16 is the GPU setting: megatron has no fp16-style loss scaler there and would apply NaNs."""
-    for steps, n_state, unchanged, changed, decisions in run_distributed(_skip_leaves_state_alone, 2, (precision,)):
+    results = run_distributed(_skip_leaves_state_alone, ranks, (precision, device))
+    for steps, n_state, unchanged, changed, decisions in results:
         assert [s[0] for s in steps] == [False, False, True, False]
         assert steps[2][1] == "non-finite loss (nan)" and math.isnan(steps[2][2])
         assert n_state > 20 and len(unchanged) == n_state  # params, fp32 main params, Adam moments/steps, LR
