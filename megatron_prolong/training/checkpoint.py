@@ -101,21 +101,11 @@ def _materialise_optimizer_state(optimizer) -> None:
             sub._init_optimizer_states_with_dummy_values()
 
 
-def save_checkpoint(
-    save_dir: str | Path,
-    iteration: int,
-    model: list,
-    *,
-    model_spec: ModelSpec,
-    optimizer=None,
-    scheduler=None,
-    train_state: Optional[dict] = None,
-    keep_last: int = 0,
-    optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
-) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    save = begin_save(save_dir, iteration, model, model_spec=model_spec, optimizer=optimizer, scheduler=scheduler,
-                      train_state=train_state, keep_last=keep_last, optimizer_format=optimizer_format)
+def save_checkpoint(save_dir: str | Path, iteration: int, model: list, **options) -> Path:
+    """Collective: every rank calls it; written when it returns. Takes ``begin_save``'s arguments
+    (``model_spec``, ``optimizer``, ``scheduler``, ``train_state``, ``keep_last``,
+    ``optimizer_format``). Returns the final checkpoint directory."""
+    save = begin_save(save_dir, iteration, model, **options)
     save.request.execute_sync()  # the write, a barrier, then the finalisation
     return save.final
 
@@ -561,19 +551,20 @@ def start_writer_reports() -> None:
     """Start the process megatron's checkpoint writers report their results through, now.
 
     megatron starts it (a spawned ``multiprocessing`` manager) inside the first save, adding
-    seconds to that save's stall, and nothing stops it if the trainer is killed. Started here,
-    at start-up, it is set to die with the trainer. Idempotent."""
+    seconds to that save's stall; nothing stops it if the trainer is killed, and a scheduler's
+    SIGTERM to the whole job kills it before the trainer's pre-emption save, which then fails.
+    Started here, at start-up, it ignores those signals and dies with the trainer. Idempotent."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from .lifeline import exit_with_parent
+    from .lifeline import helper_process_init
 
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
         return  # already started (or a megatron-core without this global: leave it alone)
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=exit_with_parent)
+    manager.start(initializer=helper_process_init)
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 

@@ -31,3 +31,12 @@ def exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def helper_process_init() -> None:
+    """For a trainer's helper process (the writers' report manager): go when the trainer goes, and
+    only then. A scheduler's SIGTERM (``scancel``, a time limit) reaches every process of the job;
+    the trainer answers it by saving a checkpoint, which needs this helper alive."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    exit_with_parent()

@@ -3,6 +3,7 @@
 - SIGKILL of the whole job (the torchrun agent; its workers and their checkpoint writers go with
   it) while a checkpoint is being written: ``latest`` still names the previous complete save,
   and the relaunch resumes from it with the losses of the uninterrupted run;
+- SIGTERM to every process of the job (a scheduler's cancel): the ranks still save and exit 0;
 - the issue's diverging run (``optim.lr=1e6``): non-finite steps are skipped, the run stops after
   ``train.max_bad_steps`` naming the steps, and no checkpoint holds non-finite values;
 - a rank that exits (or hangs) mid-step, on another "node" (two torchrun agents, so no agent
@@ -156,6 +157,25 @@ def test_sigkill_during_a_checkpoint_write_then_resume_with_the_uninterrupted_lo
     assert resumed.losses() == {s: uninterrupted[s] for s in (3, 4, 5, 6)}
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert not (save / ".iter_0000004.partial").exists()  # the leftover was replaced by the new save
+
+
+def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
+    """What ``scancel`` or a time limit does: SIGTERM to every process of the job, helpers included
+    (megatron's writer-report manager, which the pre-emption save needs), not only the trainers."""
+    args = TINY + ["train.steps=500", f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=0",
+                   "checkpoint.save_at_end=false"]
+    job = _Job(_torchrun(2, free_port()) + args, _env())
+    try:
+        job.wait_for(lambda: "step      3/" in job.text, 240)
+        for p in job.descendants():  # the agent is left out: it would stop the workers itself
+            os.kill(p.pid, signal.SIGTERM)
+        rc = job.finish(timeout=240)
+    finally:
+        job.kill_all()
+    assert rc == 0, job.text[-3000:]
+    assert "pre-emption signal: stopped after step" in job.text
+    stopped = int((tmp_path / "latest_checkpointed_iteration.txt").read_text())
+    assert (tmp_path / f"iter_{stopped:07d}" / "prolong_meta.json").is_file()
 
 
 def test_the_diverging_run_from_the_issue_stops_naming_the_steps_and_saves_no_nan(tmp_path):

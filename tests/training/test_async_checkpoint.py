@@ -21,10 +21,12 @@ BASE = ["model.name=llama3-debug", "data.mock=true", "train.device=cpu", "train.
 
 
 def _read_all(folder):
-    from megatron_prolong.training.checkpoint_integrity import read_index
+    """Every record of a checkpoint folder: tensors loaded, objects as raw bytes."""
     import io
 
     import torch
+
+    from megatron_prolong.training.checkpoint_integrity import read_index
 
     out = {}
     for idx, info in read_index(folder).storage_data.items():
