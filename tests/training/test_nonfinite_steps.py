@@ -165,3 +165,47 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_latest_good_checkpoint(tmp
         # The save due at step 6 was deferred (skipped step), so keep_last=1 did not push out 4.
         assert after_stop == (4, [4], [])
         assert resumed_steps == [5, 6, 7, 8] and final == 8
+
+
+def _guarded_vs_megatron_step(precision: str):
+    import torch
+
+    from megatron_prolong.config import load_config
+    from megatron_prolong.data import build_train_dataset
+    from megatron_prolong.parallel import destroy
+    from megatron_prolong.training import step as step_mod
+    from megatron_prolong.training.run import resolve_run
+    from megatron_prolong.training.setup import build_model, build_optimizer, build_scheduler
+    from megatron_prolong.training.trainer import step_batches
+
+    def three_steps(guarded: bool):
+        cfg = load_config(None, BASE + [f"train.precision={precision}", "optim.clip_grad=0.5"])  # clipping active
+        run = resolve_run(cfg)
+        model = build_model(cfg, run)
+        optimizer = build_optimizer(cfg, run, model)
+        scheduler = build_scheduler(cfg, optimizer)
+        t = cfg.train
+        dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed,
+                                      vocab_size=run.spec.vocab_size, num_samples=12)
+        real = step_mod.guarded_optimizer_step
+        if not guarded:  # megatron's own step, as the trainer called it before the guard
+            step_mod.guarded_optimizer_step = lambda opt, loss, device: (float(opt.step()[1]), None)
+        try:
+            norms = [step_mod.train_step(model, optimizer, scheduler, step_batches(cfg, run, dataset, 4 * k, None),
+                                         num_microbatches=4, seq_length=t.seq_length, micro_batch_size=1,
+                                         global_batch_size=4, device=run.device).grad_norm for k in range(3)]
+        finally:
+            step_mod.guarded_optimizer_step = real
+        params = [p.detach().clone() for p in model[0].module.parameters()]
+        destroy()
+        return norms, params
+
+    (norms_a, params_a), (norms_b, params_b) = three_steps(False), three_steps(True)
+    return norms_a, norms_b, all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_applied_step_is_megatrons_optimizer_step_bitwise(precision):
+    norms_megatron, norms_guarded, same_params = run_distributed(_guarded_vs_megatron_step, 1, (precision,))[0]
+    assert min(norms_megatron) > 0.5  # the clip acts
+    assert norms_guarded == norms_megatron and same_params
