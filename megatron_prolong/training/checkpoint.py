@@ -179,15 +179,35 @@ def _write_files(write_fn, iteration: int, forked: bool, *args, **kwargs) -> Non
     """Write this rank's files: in a forked writer process (background save) or in the trainer."""
     from .faults import before_write
 
+    from .lifeline import exit_with_parent
+
     if forked:
         # The trainer's intra-op thread pool did not survive the fork (OpenMP is not fork-safe),
         # and a writer must not outlive a trainer that was killed.
         torch.set_num_threads(1)
-        from .lifeline import exit_with_parent
-
         exit_with_parent()
+    _file_writers_die_with_their_parent()
     before_write(iteration)
     write_fn(*args, **kwargs)
+
+
+def _file_writers_die_with_their_parent() -> None:
+    """megatron forks one process per file (``FileSystemWriterAsync.write_preloaded_data``); if
+    their parent is killed they would stay, blocked on a results queue nobody reads. Idempotent."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from .lifeline import exit_with_parent
+
+    original = FileSystemWriterAsync.__dict__.get("write_preloaded_data")
+    if not isinstance(original, staticmethod) or getattr(original.__func__, "with_lifeline", False):
+        return
+
+    def write_preloaded_data(*args, **kwargs):
+        exit_with_parent()
+        return original.__func__(*args, **kwargs)
+
+    write_preloaded_data.with_lifeline = True
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
 
 
 def _finalize_save(root: Path, partial: Path, final: Path, meta: dict, keep_last: int, started: float) -> None:
