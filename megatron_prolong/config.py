@@ -224,10 +224,11 @@ class CheckpointConfig:
     shard, in parallel; a resume may change DP only. Model weights are always reshardable
     (``init_from``)."""
     async_save: bool = True
-    """Write checkpoints in the background: the step loop stalls only to plan the save and stage
-    the tensors in host memory (a forked writer process then writes them); the checkpoint is
-    finalised (renamed, made ``latest``) once every rank's writer finished. The end of training,
-    a pre-emption signal and ``exit_at_step`` wait for it. false: the loop waits for the write."""
+    """Write periodic checkpoints in the background: the step loop stalls only to plan the save
+    and capture the tensors (on GPUs a copy to host memory), then a forked writer process writes
+    them; the checkpoint is finalised (renamed, made ``latest``) once every rank's writer
+    finished. The save at the end and forced saves (pre-emption signal, ``exit_at_step``) are
+    synchronous and wait for a pending one first. false: every save blocks until written."""
 
     def __post_init__(self):
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
