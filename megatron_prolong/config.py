@@ -156,6 +156,21 @@ class TrainConfig:
     """Activation recompute: ``none``, ``selective`` (core attention) or ``full`` (every layer)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cuda`` or ``cpu`` (gloo; CI and debugging)."""
+    max_bad_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (weights, optimizer state and
+    LR schedule unchanged; its global batch counts as consumed). After this many consecutive
+    skipped steps the run stops with an error and saves nothing (see docs/fault_tolerance.md)."""
+    loss_spike_factor: float = 2.0
+    """Report a loss above this multiple of the median of the last ``loss_spike_window`` applied
+    steps (log line and TensorBoard ``train/loss_spike``); a report only, the step is applied.
+    0 disables."""
+    loss_spike_window: int = 50
+    """Steps in the running median of ``loss_spike_factor`` (reports start once 10 are in)."""
+    collective_timeout_minutes: float = 30.0
+    """Timeout of every collective (NCCL and gloo groups, and the rendezvous store): a rank whose
+    peers died or hang fails with an error after this long instead of waiting forever. Must
+    exceed the longest legitimate wait (a step, a synchronous checkpoint save or load); fractions
+    are allowed (0.5 = 30 s)."""
 
     def __post_init__(self):
         _require(self.steps >= 1, "train.steps must be >= 1")
@@ -176,6 +191,16 @@ class TrainConfig:
         _require(self.recompute in ("none", "selective", "full"),
                  "train.recompute must be none, selective or full")
         _require(self.device in ("auto", "cuda", "cpu"), "train.device must be auto, cuda or cpu")
+        _require(self.max_bad_steps >= 1,
+                 f"train.max_bad_steps must be >= 1 (consecutive skipped steps before the run stops), "
+                 f"got {self.max_bad_steps}")
+        _require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+                 f"train.loss_spike_factor must be 0 (off) or > 1 (a multiple of the median loss), "
+                 f"got {self.loss_spike_factor}")
+        _require(self.loss_spike_window >= 10, "train.loss_spike_window must be >= 10 steps")
+        _require(self.collective_timeout_minutes > 0,
+                 f"train.collective_timeout_minutes must be > 0, got {self.collective_timeout_minutes}; "
+                 "the default 30 suits most runs")
 
 
 @dataclass
@@ -200,6 +225,12 @@ class CheckpointConfig:
     state is gathered onto every rank to save and read whole to load (about 48 GB per rank for 8B
     at TP 2). ``dp_reshardable`` (megatron's): parallel, but a resume may change DP only. Model
     weights are always reshardable (``init_from``)."""
+    async_save: bool = True
+    """Write periodic checkpoints in the background: the step loop stalls only to plan the save
+    and capture the tensors (on GPUs a copy to host memory), then a forked writer process writes
+    them; the checkpoint is finalised (renamed, made ``latest``) once every rank's writer
+    finished. The save at the end and forced saves (pre-emption signal, ``exit_at_step``) are
+    synchronous and wait for a pending one first. false: every save blocks until written."""
 
     def __post_init__(self):
         _require(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -18,15 +19,23 @@ def initialize(
     *,
     device: str = "auto",
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
     hierarchical_cp_sizes: list[int] | None = None,
 ) -> str:
     """Start torch.distributed from the torchrun environment and build megatron's groups.
 
     Works without torchrun too (a single process gets rank 0 of 1). Returns the device type.
     ``hierarchical_cp_sizes`` builds the two-level CP groups TE's ``a2a+p2p`` takes.
+    ``timeout_minutes`` bounds every collective of every group (the default group, each NCCL and
+    gloo group megatron builds, the rendezvous store): a rank whose peers died or hang raises
+    after that long instead of waiting forever (NCCL needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``,
+    which torchrun sets; see docs/fault_tolerance.md).
     """
     device = init_platform(device)
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun: go with the agent
+        from ..training.lifeline import exit_with_parent
+
+        exit_with_parent()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -47,9 +56,30 @@ def initialize(
         pipeline_model_parallel_size=pipeline_parallel,
         context_parallel_size=context_parallel,
         hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes else None,
+        distributed_timeout_minutes=timeout_minutes,
     )
     seed_model_parallel_rng(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     return device
+
+
+@contextlib.contextmanager
+def peer_failures_reported(timeout_minutes: float):
+    """Turn a failed collective (gloo's lost connection or timeout, NCCL's ``DistBackendError``)
+    into a one-line ``CollectiveError``. NCCL timeouts never get here: with
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` its watchdog ends the process itself."""
+    from ..errors import CollectiveError
+
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not (isinstance(e, dist.DistError) or "gloo" in text):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise CollectiveError(
+            f"a collective failed ({first[:300]}): a peer rank died or did not answer within "
+            f"train.collective_timeout_minutes={timeout_minutes:g}; the cause is in the log of the rank that "
+            "failed first. Relaunch to resume from the latest complete checkpoint") from e
 
 
 def destroy() -> None:

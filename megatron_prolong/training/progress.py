@@ -40,7 +40,8 @@ class ProgressLogger:
         self._t_step = now
         self.tokens_since += tokens
         if self.writer is not None:
-            for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm)):
+            for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm),
+                                ("train/skipped", float(skipped))):
                 self.writer.add_scalar(name, value, step)
         if not self.enabled or (step % self.interval and step != self.total):
             return
@@ -59,6 +60,10 @@ class ProgressLogger:
         if self.writer is not None:
             self.writer.add_scalar("train/tokens_per_second", tok_s, step)
         self.t_last, self.tokens_since = now, 0
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
 
     def skip_pause(self) -> None:
         """Leave out time spent outside training steps (checkpoint saves) from tokens/s."""

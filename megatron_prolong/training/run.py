@@ -198,6 +198,7 @@ def resolve_run(cfg: Config) -> Run:
     validate_decisions(cfg, decisions, spec)
     p = cfg.parallel
     parallel.initialize(p.tensor, p.pipeline, p.context, device=device_type, seed=cfg.train.seed,
+                        timeout_minutes=cfg.train.collective_timeout_minutes,
                         hierarchical_cp_sizes=p.hierarchical_cp_sizes if decisions.use_te else None)
     return Run(
         decisions=decisions, device=platform.current_device(), spec=spec, spec_source=source,

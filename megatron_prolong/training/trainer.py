@@ -9,8 +9,11 @@ from typing import Callable, Iterator, Optional
 from ..config import Config
 from ..data import build_train_dataset
 from ..eval.periodic import build_periodic_evaluator
-from .checkpoint import Checkpointer, Restored
+from ..parallel.state import peer_failures_reported
+from . import faults
+from .checkpoint import Checkpointer, Restored, latest_iteration
 from .data_iter import micro_batches, rank_micro_batch_indices
+from .guard import StepGuard
 from .progress import ProgressLogger
 from .run import Run, resolve_run
 from .setup import build_model, build_optimizer, build_scheduler
@@ -37,20 +40,28 @@ def train(cfg: Config) -> TrainResult:
     scheduler = build_scheduler(cfg, optimizer)
     dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed,
                                   vocab_size=run.spec.vocab_size, num_samples=t.steps * t.global_batch_size)
-    checkpointer = Checkpointer(cfg, run, model, optimizer, scheduler)
     log = ProgressLogger(t.steps, 0, run.logging_rank, cfg.logging.tensorboard_dir, cfg.logging.interval,
                          world_size=run.world_size, cuda_memory=run.on_cuda)
+    checkpointer = Checkpointer(cfg, run, model, optimizer, scheduler, log=log.info)
     restored = checkpointer.restore()
     log.start = restored.iteration
     _log_start(log, cfg, run, restored)
     evaluator = build_periodic_evaluator(cfg, run, model, log)  # None without validation data
+    guard = StepGuard(max_bad_steps=t.max_bad_steps, global_batch_size=t.global_batch_size, log=log,
+                      spike_factor=t.loss_spike_factor, spike_window=t.loss_spike_window,
+                      consecutive_skipped=restored.consecutive_skipped)
 
     order = _batch_order(cfg, dataset)
     result = TrainResult(iteration=restored.iteration, consumed_samples=restored.consumed_samples)
-    with PreemptionSignal(enabled=cfg.checkpoint.exit_on_signal) as preempt:
+    advised = False
+    # Leaving the block waits for a background save; an exception abandons it, incomplete.
+    with PreemptionSignal(enabled=cfg.checkpoint.exit_on_signal) as preempt, \
+            peer_failures_reported(t.collective_timeout_minutes), checkpointer.saving():
         while result.iteration < t.steps:
+            batches = faults.inject(result.iteration + 1,
+                                    step_batches(cfg, run, dataset, result.consumed_samples, order))
             out = train_step(
-                model, optimizer, scheduler, step_batches(cfg, run, dataset, result.consumed_samples, order),
+                model, optimizer, scheduler, batches,
                 num_microbatches=t.global_batch_size // (t.micro_batch_size * run.dp_size),
                 # The full length: megatron's schedule divides by CP (and by TP under SP) itself.
                 seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
@@ -61,20 +72,26 @@ def train(cfg: Config) -> TrainResult:
             result.losses[result.iteration] = out.loss
             log.step(result.iteration, out.loss, out.lr, out.grad_norm, t.global_batch_size * t.seq_length,
                      out.skipped)
+            guard.record(result.iteration, out, consumed_before=result.consumed_samples - t.global_batch_size)
+            if guard.exhausted:
+                checkpointer.wait()  # a save of an earlier, applied step is still worth completing
+                save_dir = cfg.checkpoint.save_dir
+                raise guard.stop_error(latest_iteration(save_dir) if save_dir else None)
             if evaluator is not None and evaluator.due(result.iteration):
                 result.evaluations[result.iteration] = evaluator.evaluate(result.iteration)
                 log.skip_pause()
 
             signalled = preempt.any_rank_received(run.device)
             stop = signalled or result.iteration == t.exit_at_step
-            first_save = checkpointer.last_save_seconds is None
+            checkpointer.poll()
             path = checkpointer.maybe_save(result.iteration, consumed_samples=result.consumed_samples, force=stop,
-                                           timing={"step_seconds": log.typical_step_seconds()})
+                                           timing={"step_seconds": log.typical_step_seconds()},
+                                           skipped=out.skipped, consecutive_skipped=guard.consecutive_skipped)
             if path is not None:
-                log.info(f"saved checkpoint {path} ({checkpointer.last_save_seconds:.1f} s)")
-                if first_save and cfg.checkpoint.exit_on_signal:
-                    log.info(signal_lead_advice(log.typical_step_seconds(), checkpointer.last_save_seconds))
                 log.skip_pause()
+            if not advised and checkpointer.last_save_seconds is not None and cfg.checkpoint.exit_on_signal:
+                log.info(signal_lead_advice(log.typical_step_seconds(), checkpointer.last_save_seconds))
+                advised = True
             if stop:
                 why = "pre-emption signal" if signalled else "train.exit_at_step"
                 then = "relaunch to resume" if cfg.checkpoint.save_dir else "no checkpoint.save_dir, so nothing was saved"
