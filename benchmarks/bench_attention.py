@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_prolong.attention import portable  # noqa: E402
-from megatron_prolong.attention.backends import unavailable_reason  # noqa: E402
-from megatron_prolong.attention.flex import document_block_mask  # noqa: E402
-from megatron_prolong.attention.varlen import varlen_plan  # noqa: E402
+from megatron_prolong.attention import portable
+from megatron_prolong.attention.backends import unavailable_reason
+from megatron_prolong.attention.flex import document_block_mask
+from megatron_prolong.attention.varlen import varlen_plan
 
 MIXTURES = {
     "single": lambda S, g: [S],

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_random_hf_model(spec, out: Path, shard_bytes: int = 1_000_000_000) -> int:

@@ -54,11 +54,10 @@ from typing import Optional
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from megatron_prolong.memory_plan import GiB, Layout, MemoryOptions, estimate
+from megatron_prolong.models.registry import ModelSpec, get_model_spec
 
-from megatron_prolong.memory_plan import GiB, Layout, MemoryOptions, estimate  # noqa: E402
-from megatron_prolong.models.registry import ModelSpec, get_model_spec  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 H100_BF16_DENSE_TFLOPS = 989.0
 RESULT_NAMES = ("bench_train.json", "bench_train.csv", "bench_train.log")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ from megatron_prolong.convert import hf_to_megatron, megatron_to_hf
 
 from ._helpers import LLAMA31_SCALING, hf_logits, load_safetensors_dir, make_hf_model, read_json
 
+from megatron_prolong.tools import convert_checkpoint as cli
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_checkpoint as cli  # noqa: E402
 
 
 def _quiet(_msg: str) -> None:

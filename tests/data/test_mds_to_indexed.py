@@ -1,4 +1,4 @@
-"""tools/mds_to_indexed.py: exact round trip of ProLong MDS shards, masks, filters, bad inputs."""
+"""megatron_prolong/tools/mds_to_indexed.py: exact round trip of ProLong MDS shards, masks, filters, bad inputs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_prolong.data.indexed import DataError, TokenStore
+from megatron_prolong.data.indexed import TokenStore
+from megatron_prolong.tools import mds_to_indexed
 from tests.data._fixtures import outputs_like, random_docs, write_packed_mds
 
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import mds_to_indexed  # noqa: E402
 
 
 def _read_all(prefix) -> list[np.ndarray]:
@@ -162,7 +162,7 @@ def test_empty_domain(tmp_path, capsys):
 
 def test_cli_exit_code(tmp_path):
     """The tool as a process: non-zero exit and a one-line error, no traceback."""
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "mds_to_indexed.py"), "--input",
+    proc = subprocess.run([sys.executable, "-m", "megatron_prolong.tools.mds_to_indexed", "--input",
                            str(tmp_path / "missing"), "--output-prefix", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 1

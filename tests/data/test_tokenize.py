@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,11 @@ import pytest
 
 from megatron_prolong.data.indexed import TokenStore
 from megatron_prolong.data.tokenize import TextTokenizer, llama3_tokenizer_dir
+from megatron_prolong.tools import make_demo_data, make_sft_data, tokenize_to_indexed
 from tests.data._fixtures import outputs_like
 
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import make_demo_data  # noqa: E402
-import make_sft_data  # noqa: E402
-import tokenize_to_indexed  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "", "def f(x):\n    return x + 1\n",
          "Special-looking text <|eot_id|> stays text.", "Ünïcödé and emoji 🎉 " * 20]

@@ -53,8 +53,7 @@ def prolong_data(tmp_path_factory):
             base / "datasets" / repo, {f: _field(f) for f in folders}, {f: _docs(rng, f) for f in folders},
             # some folders zstd-compressed (the common MDS setting), some with a merged index.json
             compression={f: "zstd" for f in folders[::2]}, merged=set(folders[1::3]))
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import mds_to_indexed  # the tool's main(), in this process: saves a start-up
+    from megatron_prolong.tools import mds_to_indexed  # the tool's main(), in this process: saves a start-up
 
     for repo, mixture, workers in (("long-context-65536", "prolong-64k", 2), ("long-context-524288", "prolong-512k", 1)):
         assert mds_to_indexed.main(["--input", str(base / "datasets" / repo), "--output-prefix",

@@ -1,4 +1,4 @@
-"""``tools/evaluate.py`` as users run it: a plain process and torchrun; files, summary, errors."""
+"""``megatron_prolong/tools/evaluate.py`` as users run it: a plain process and torchrun; files, summary, errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _evaluate(args, nproc=0, timeout=600):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                  "--master-port", str(free_port())] if nproc else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(launcher + ["tools/evaluate.py", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run(launcher + ["-m", "megatron_prolong.tools.evaluate", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Build the small demo corpus that ``make demo`` trains on, from text every machine has.
 
 Takes the ``.py`` files of the Python standard library (``sysconfig.get_paths()['stdlib']``), in
@@ -19,9 +18,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,  # noqa: E402
+from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
                                            quiet_library_warnings)
 
 PREFIX_NAME = "stdlib_text"

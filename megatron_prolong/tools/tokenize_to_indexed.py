@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Tokenize raw text (jsonl / parquet / plain-text files) into a Megatron indexed dataset.
 
 Input formats, by file name: ``*.jsonl``/``*.json`` (one JSON object per line, text in
@@ -13,7 +12,7 @@ success.
 
 Example:
 
-    python tools/tokenize_to_indexed.py --input corpus/*.jsonl --output-prefix data/corpus \\
+    python -m megatron_prolong.tools.tokenize_to_indexed --input corpus/*.jsonl --output-prefix data/corpus \\
         --tokenizer path/to/Meta-Llama-3-8B/tokenizer.json --workers 8
 """
 
@@ -21,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,  # noqa: E402
+from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
                                            quiet_library_warnings)
 
 

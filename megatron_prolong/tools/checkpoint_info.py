@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """What a checkpoint directory holds, and whether an iteration of it is readable.
 
-    python tools/checkpoint_info.py runs/stage1                 # iterations, leftovers, latest's config
-    python tools/checkpoint_info.py runs/stage1 --verify        # ... and read every tensor of latest
-    python tools/checkpoint_info.py runs/stage1 -i 2000 --verify --json
+    python -m megatron_prolong.tools.checkpoint_info runs/stage1                 # iterations, leftovers, latest's config
+    python -m megatron_prolong.tools.checkpoint_info runs/stage1 --verify        # ... and read every tensor of latest
+    python -m megatron_prolong.tools.checkpoint_info runs/stage1 -i 2000 --verify --json
 
 Lists the complete iterations (with samples / tokens consumed and save time), leftovers of
 interrupted saves (``.iter_N.partial``), where ``latest_checkpointed_iteration.txt`` points, and
@@ -22,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prolong.checkpoint_layout import (LATEST_FILE, CheckpointError, iteration_dir,  # noqa: E402
+from megatron_prolong.checkpoint_layout import (LATEST_FILE, CheckpointError, iteration_dir,
                                                 list_iterations, list_partials, read_checkpoint_meta)
 
 

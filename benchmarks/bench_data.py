@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the data pipeline against mosaicml-streaming on the same synthetic ProLong shards.
 
-1. MDS -> indexed conversion (``tools/mds_to_indexed.py`` engine) vs. a bare read of all samples
+1. MDS -> indexed conversion (``megatron_prolong/tools/mds_to_indexed.py`` engine) vs. a bare read of all samples
    with streaming's own ``LocalDataset`` (target: conversion within 2x of the bare read); the same
    at ``--workers N``, and from zstd-compressed copies of the shards (read without decompressing
    them to disk), at 1 and N workers. Conversions are timed ``--repeat`` times, best kept (other
@@ -15,9 +15,9 @@
 The shards are generated (ProLong schema: uint32 ``input_ids``, ``length``, ``domain``, ``indices``
 of the packed documents) in a temporary folder and removed afterwards.
 
-    python tools/bench_data.py              # 128 MB of tokens
-    python tools/bench_data.py --mb 32      # quicker
-    python tools/bench_data.py --mb 400 --skip-loader --repeat 3   # conversion only, 1 vs 2 workers
+    python benchmarks/bench_data.py              # 128 MB of tokens
+    python benchmarks/bench_data.py --mb 32      # quicker
+    python benchmarks/bench_data.py --mb 400 --skip-loader --repeat 3   # conversion only, 1 vs 2 workers
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prolong.data.indexed import quiet_library_warnings  # noqa: E402
+from megatron_prolong.data.indexed import quiet_library_warnings
 
 PACKED = 65536  # tokens per packed MDS sample, as in ProLong's 64K data
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Predict per-GPU memory of a long-context training layout and suggest layouts that fit.
 
-    python tools/plan_memory.py --model llama3-8b --seq-length 524288 --tp 1 --pp 1 --cp 8 --dp 1
-    python tools/plan_memory.py --model llama3-8b --seq-length 524288 --gpus 8 --gpu-memory 80
+    python -m megatron_prolong.tools.plan_memory --model llama3-8b --seq-length 524288 --tp 1 --pp 1 --cp 8 --dp 1
+    python -m megatron_prolong.tools.plan_memory --model llama3-8b --seq-length 524288 --gpus 8 --gpu-memory 80
 
 Formulas: megatron_prolong/memory_plan.py and docs/long_context.md. "act" holds the resident
 activations plus one layer's transient ones; the peak adds the larger of the loss head and that
@@ -12,13 +11,10 @@ layer's backward on top (they happen at different times).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_prolong.memory_plan import GiB, Layout, MemoryOptions, estimate, search_layouts  # noqa: E402
-from megatron_prolong.models.registry import get_model_spec  # noqa: E402
+from megatron_prolong.memory_plan import GiB, Layout, MemoryOptions, estimate, search_layouts
+from megatron_prolong.models.registry import get_model_spec
 
 
 def _row(est, fits=None):

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Convert Llama checkpoints between Hugging Face safetensors and megatron-prolong (megatron-core
 dist checkpoints). Single process, CPU only, streamed: memory holds about one layer.
 
-  python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output MEG_DIR [--rope-theta X] [--model NAME]
-  python tools/convert_checkpoint.py megatron-to-hf --input MEG_DIR --output HF_DIR [--iteration N]
+  python -m megatron_prolong.tools.convert_checkpoint hf-to-megatron --input HF_DIR --output MEG_DIR [--rope-theta X] [--model NAME]
+  python -m megatron_prolong.tools.convert_checkpoint megatron-to-hf --input MEG_DIR --output HF_DIR [--iteration N]
                                                     [--tokenizer DIR] [--dtype bf16|fp32]
 
 See docs/convert.md.
@@ -15,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _size(text: str) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Chat jsonl (UltraChat style) -> Llama-3 chat template -> tokens + assistant-only loss mask.
 
 Each input line is a JSON object with ``messages``: ``[{"role": "system"|"user"|"assistant",
@@ -17,18 +16,16 @@ Train on it with ``DataConfig(blend={PREFIX: 1.0}, sft=True)``.
 
 Example:
 
-    python tools/make_sft_data.py --input ultrachat.jsonl --output-prefix data/ultrachat --workers 4
+    python -m megatron_prolong.tools.make_sft_data --input ultrachat.jsonl --output-prefix data/ultrachat --workers 4
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,  # noqa: E402
+from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
                                            quiet_library_warnings)
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convert ProLong-style MDS shards (mosaicml-streaming) into Megatron indexed datasets.
 
 Each original document becomes one document of the output: packed samples are split back by their
@@ -24,20 +23,18 @@ Outputs (written under temporary names, renamed only on success):
 
 Examples:
 
-    python tools/mds_to_indexed.py --input datasets/long-context-65536 \\
+    python -m megatron_prolong.tools.mds_to_indexed --input datasets/long-context-65536 \\
         --output-prefix data/prolong/long-context-65536 --mixture prolong-64k --workers 8
-    python tools/mds_to_indexed.py --input datasets/long-context-524288/book-524288 --output-prefix out/books
+    python -m megatron_prolong.tools.mds_to_indexed --input datasets/long-context-524288/book-524288 --output-prefix out/books
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,  # noqa: E402
+from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
                                            quiet_library_warnings)
 
 

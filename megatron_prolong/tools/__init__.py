@@ -1,0 +1,16 @@
+"""Command-line tools. Each runs as ``python -m megatron_prolong.tools.<name>`` (under torchrun:
+``torchrun ... -m megatron_prolong.tools.<name>``) or as the console script ``prolong-<name>``
+that the install puts on PATH (``_`` written ``-``):
+
+- ``mds_to_indexed``: ProLong MDS shards (raw or compressed) -> indexed datasets, one per domain
+- ``tokenize_to_indexed``: raw text (jsonl / parquet / text) -> indexed dataset
+- ``make_sft_data``: chat jsonl -> Llama-3 chat template + assistant-only loss mask
+- ``make_demo_data``: the corpus ``make demo`` trains on
+- ``convert_checkpoint``: Hugging Face <-> trainer checkpoints
+- ``checkpoint_info``: what a save dir holds; ``--verify`` reads every tensor
+- ``evaluate``: perplexity by position and needle retrieval of a checkpoint
+- ``plan_memory``: per-GPU memory of a layout, and layouts that fit
+"""
+
+TOOLS = ("mds_to_indexed", "tokenize_to_indexed", "make_sft_data", "make_demo_data", "convert_checkpoint",
+         "checkpoint_info", "evaluate", "plan_memory")
