@@ -53,7 +53,7 @@ def train(cfg: Config) -> TrainResult:
 
     order = _batch_order(cfg, dataset)
     result = TrainResult(iteration=restored.iteration, consumed_samples=restored.consumed_samples)
-    advised = False
+    advised = bool(restored.timing)  # the start-up line already gave the measured lead
     # Leaving the block waits for a background save; an exception abandons it, incomplete.
     with PreemptionSignal(enabled=cfg.checkpoint.exit_on_signal) as preempt, \
             peer_failures_reported(t.collective_timeout_minutes), checkpointer.saving():
