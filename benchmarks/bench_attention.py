@@ -112,8 +112,8 @@ def main(argv=None):
             backends.append(b)
     print(f"# device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), torch {torch.__version__}, "
           f"{dtype}, heads {H} q / {KV} kv, head_dim {D}, forward+backward, {args.iters} iters")
-    print(f"# GFLOP f+b = 3.5 x 4 x head_dim x heads x allowed pairs; 'needed': document-masked pairs, "
-          f"'causal': S(S+1)/2; TF/s on the needed FLOPs")
+    print("# GFLOP f+b = 3.5 x 4 x head_dim x heads x allowed pairs; 'needed': document-masked pairs, "
+          "'causal': S(S+1)/2; TF/s on the needed FLOPs")
     print(f"{'seq':>7} {'mixture':>8} {'docs':>5} {'kernel':>12} {'GF needed':>10} {'GF causal':>10} "
           f"{'prep ms':>8} {'f+b ms':>9} {'TF/s':>7} {'vs causal':>9}")
     g = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def main(argv=None):
                 print(f"{S:>7} {mix:>8} {len(lens):>5} {backend:>12} {needed / 1e9:>10.1f} "
                       f"{causal_flops / 1e9:>10.1f} {t_prep * 1e3:>8.2f} {t * 1e3:>9.2f} "
                       f"{needed / t / 1e12:>7.2f} {t / t_causal:>9.2f}", flush=True)
-        del q, k, v
+        q = k = v = None  # free the inputs before the next, longer sequence
         portable.clear_caches()
     return rows
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_prolong.convert import hf_to_megatron
 from tests.dist import run_distributed
