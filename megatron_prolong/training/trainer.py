@@ -53,53 +53,54 @@ def train(cfg: Config) -> TrainResult:
 
     order = _batch_order(cfg, dataset)
     result = TrainResult(iteration=restored.iteration, consumed_samples=restored.consumed_samples)
-    advised = bool(restored.timing)  # the start-up line already gave the measured lead
+    advice = _LeadAdvice(log, cfg.checkpoint.exit_on_signal, already_given=bool(restored.timing))
     # Leaving the block waits for a background save; an exception abandons it, incomplete.
     with PreemptionSignal(enabled=cfg.checkpoint.exit_on_signal) as preempt, \
             peer_failures_reported(t.collective_timeout_minutes), checkpointer.saving():
         while result.iteration < t.steps:
-            batches = faults.inject(result.iteration + 1,
-                                    step_batches(cfg, run, dataset, result.consumed_samples, order))
-            out = train_step(
-                model, optimizer, scheduler, batches,
-                num_microbatches=t.global_batch_size // (t.micro_batch_size * run.dp_size),
-                # The full length: megatron's schedule divides by CP (and by TP under SP) itself.
-                seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                global_batch_size=t.global_batch_size, device=run.device,
-            )
-            result.iteration += 1
-            result.consumed_samples += t.global_batch_size
-            result.losses[result.iteration] = out.loss
+            out = _one_step(cfg, run, model, optimizer, scheduler, dataset, order, result)
             log.step(result.iteration, out.loss, out.lr, out.grad_norm, t.global_batch_size * t.seq_length,
                      out.skipped)
             guard.record(result.iteration, out, consumed_before=result.consumed_samples - t.global_batch_size)
             if guard.exhausted:
                 checkpointer.wait()  # a save of an earlier, applied step is still worth completing
-                save_dir = cfg.checkpoint.save_dir
-                raise guard.stop_error(latest_iteration(save_dir) if save_dir else None)
+                raise guard.stop_error(latest_iteration(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None)
             if evaluator is not None and evaluator.due(result.iteration):
                 result.evaluations[result.iteration] = evaluator.evaluate(result.iteration)
                 log.skip_pause()
 
-            signalled = preempt.any_rank_received(run.device)
-            stop = signalled or result.iteration == t.exit_at_step
+            stop = "pre-emption signal" if preempt.any_rank_received(run.device) else \
+                "train.exit_at_step" if result.iteration == t.exit_at_step else None
             checkpointer.poll()
-            path = checkpointer.maybe_save(result.iteration, consumed_samples=result.consumed_samples, force=stop,
-                                           timing={"step_seconds": log.typical_step_seconds()},
-                                           skipped=out.skipped, consecutive_skipped=guard.consecutive_skipped)
-            if path is not None:
+            if checkpointer.maybe_save(result.iteration, consumed_samples=result.consumed_samples, force=bool(stop),
+                                       timing={"step_seconds": log.typical_step_seconds()}, skipped=out.skipped,
+                                       consecutive_skipped=guard.consecutive_skipped) is not None:
                 log.skip_pause()
-            if not advised and checkpointer.last_save_seconds is not None and cfg.checkpoint.exit_on_signal:
-                log.info(signal_lead_advice(log.typical_step_seconds(), checkpointer.last_save_seconds))
-                advised = True
+            advice.after_save(log.typical_step_seconds(), checkpointer.last_save_seconds)
             if stop:
-                why = "pre-emption signal" if signalled else "train.exit_at_step"
                 then = "relaunch to resume" if cfg.checkpoint.save_dir else "no checkpoint.save_dir, so nothing was saved"
-                log.info(f"{why}: stopped after step {result.iteration}; {then}")
+                log.info(f"{stop}: stopped after step {result.iteration}; {then}")
                 result.interrupted = True
                 break
     log.close()
     return result
+
+
+def _one_step(cfg: Config, run: Run, model, optimizer, scheduler, dataset, order, result: TrainResult):
+    """The next global batch through forward, backward and the (guarded) optimizer step."""
+    t = cfg.train
+    batches = faults.inject(result.iteration + 1, step_batches(cfg, run, dataset, result.consumed_samples, order))
+    out = train_step(
+        model, optimizer, scheduler, batches,
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * run.dp_size),
+        # The full length: megatron's schedule divides by CP (and by TP under SP) itself.
+        seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size, device=run.device,
+    )
+    result.iteration += 1
+    result.consumed_samples += t.global_batch_size
+    result.losses[result.iteration] = out.loss
+    return out
 
 
 def step_batches(cfg: Config, run: Run, dataset, consumed_samples: int,
@@ -118,6 +119,18 @@ def _batch_order(cfg: Config, dataset) -> Optional[Callable]:
     from ..data import order_global_batch
 
     return lambda idx: order_global_batch(dataset, idx)
+
+
+class _LeadAdvice:
+    """Prints the pre-emption lead once per launch, as soon as a step and a save were timed."""
+
+    def __init__(self, log, enabled: bool, already_given: bool):
+        self.log, self.pending = log, enabled and not already_given
+
+    def after_save(self, step_seconds: Optional[float], save_seconds: Optional[float]) -> None:
+        if self.pending and save_seconds is not None:
+            self.log.info(signal_lead_advice(step_seconds, save_seconds))
+            self.pending = False
 
 
 def signal_lead_advice(step_seconds: Optional[float], save_seconds: Optional[float]) -> str:
