@@ -33,7 +33,7 @@ def initialize(
     """
     device = init_platform(device)
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun: go with the agent
-        from ..training.lifeline import exit_with_parent
+        from ..lifeline import exit_with_parent
 
         exit_with_parent()
     if not dist.is_initialized():

@@ -195,7 +195,7 @@ def _write_files(write_fn, iteration: int, forked: bool, *args, **kwargs) -> Non
     """Write this rank's files: in a forked writer process (background save) or in the trainer."""
     from .faults import before_write
 
-    from .lifeline import exit_with_parent
+    from ..lifeline import exit_with_parent
 
     if forked:
         # The trainer's intra-op thread pool did not survive the fork (OpenMP is not fork-safe),
@@ -212,7 +212,7 @@ def _file_writers_die_with_their_parent() -> None:
     their parent is killed they would stay, blocked on a results queue nobody reads. Idempotent."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from .lifeline import exit_with_parent
+    from ..lifeline import exit_with_parent
 
     original = FileSystemWriterAsync.__dict__.get("write_preloaded_data")
     if not isinstance(original, staticmethod) or getattr(original.__func__, "with_lifeline", False):
@@ -604,7 +604,7 @@ def start_writer_reports() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from .lifeline import helper_process_init
+    from ..lifeline import helper_process_init
 
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
         return  # already started (or a megatron-core without this global: leave it alone)
