@@ -15,11 +15,7 @@ def evaluation_mode(model: list):
     random generator the training step draws from (torch CPU, CUDA, megatron's model-parallel RNG
     tracker) are back to what they were, so a run with evaluation on trains exactly like one
     with it off."""
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    saved = (torch.get_rng_state(), torch.cuda.get_rng_state() if platform.is_cuda() else None,
-             tracker.get_states())
+    saved = platform.rng_states()
     modes = [chunk.training for chunk in model]
     try:
         for chunk in model:
@@ -29,7 +25,4 @@ def evaluation_mode(model: list):
     finally:
         for chunk, mode in zip(model, modes):
             chunk.train(mode)
-        torch.set_rng_state(saved[0])
-        if saved[1] is not None:
-            torch.cuda.set_rng_state(saved[1])
-        tracker.set_states(saved[2])
+        platform.set_rng_states(saved)

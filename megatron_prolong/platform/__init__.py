@@ -113,6 +113,25 @@ def seed_model_parallel_rng(seed: int) -> None:
         cpu.seed_rng_tracker(seed)
 
 
+def rng_states() -> dict:
+    """Every generator a training step draws from: torch's CPU one, CUDA's (on CUDA), and
+    megatron's model-parallel tracker (dropout, recompute)."""
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if _DEVICE == "cuda" else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_states(state: dict) -> None:
+    """Inverse of ``rng_states``."""
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and _DEVICE == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def quiet_known_warnings() -> None:
     """Silence the warnings megatron-core and torch print on every rank about things this project
     handles on purpose (absent apex/TE, deprecated internals used by dist_checkpointing)."""

@@ -42,19 +42,13 @@ from . import optimizer_state
 
 DEFAULT_OPTIMIZER_FORMAT = optimizer_state.FORMAT
 LEGACY_OPTIMIZER_FORMAT = "fully_reshardable"
+"""What checkpoints written before the format was recorded hold."""
 PLAIN_OPTIMIZER_FORMAT = "plain"
 """Recorded for runs with ``parallel.distributed_optimizer=false``."""
-"""What checkpoints written before the format was recorded hold."""
 
 
 def _rng_state() -> ShardedObject:
-    from megatron.core import tensor_parallel
-
-    state = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if platform.is_cuda() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    state = platform.rng_states()
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
     cp = parallel_state.get_context_parallel_rank()
     return ShardedObject(
@@ -64,15 +58,6 @@ def _rng_state() -> ShardedObject:
         (pp, tp, cp),
         replica_id=parallel_state.get_data_parallel_rank(),
     )
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and platform.is_cuda():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _unwrap(module):
@@ -287,7 +272,7 @@ def load_checkpoint(
             else:
                 optimizer.load_state_dict(state["optimizer"])
         if same_layout:
-            _set_rng_state(state["rng_state"])
+            platform.set_rng_states(state["rng_state"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return meta.get("train_state", {})
