@@ -61,7 +61,7 @@ class PeriodicEvaluator:
                                          valid_blend=None, valid_data_prefix=None)
         num = cfg.eval_samples()
         dataset = build_train_dataset(valid_data, seq_length=t.seq_length, seed=t.seed,
-                                      vocab_size=run.spec.vocab_size, num_samples=num)
+                                      vocab_size=run.spec.vocab_size, num_samples=num, log=log.info)
         self.samples = [dataset[i] for i in range(num)]  # small (a few global batches); read once
         names = short_names([e["prefix"] for e in entries])
         by_prefix = dict(zip((e["prefix"] for e in entries), names))

@@ -38,10 +38,10 @@ def train(cfg: Config) -> TrainResult:
     model = build_model(cfg, run)
     optimizer = build_optimizer(cfg, run, model)
     scheduler = build_scheduler(cfg, optimizer)
-    dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed,
-                                  vocab_size=run.spec.vocab_size, num_samples=t.steps * t.global_batch_size)
     log = ProgressLogger(t.steps, 0, run.logging_rank, cfg.logging.tensorboard_dir, cfg.logging.interval,
                          world_size=run.world_size, cuda_memory=run.on_cuda)
+    dataset = build_train_dataset(cfg.data, seq_length=t.seq_length, seed=t.seed, vocab_size=run.spec.vocab_size,
+                                  num_samples=t.steps * t.global_batch_size, log=log.info)
     checkpointer = Checkpointer(cfg, run, model, optimizer, scheduler, log=log.info)
     restored = checkpointer.restore()
     log.start = restored.iteration
