@@ -13,9 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_prolong.data.batch import collate
+from megatron_prolong.parallel import cross_entropy
 from megatron_prolong.parallel.context_parallel import prepare_batch
+from megatron_prolong.parallel.cross_entropy import chunked_lm_loss, masked_loss_sum
 from megatron_prolong.platform.cuda_on_cpu import CUDA0, cuda_on_cpu, is_fake_cuda
 
 SEQ = 48
@@ -96,6 +99,69 @@ def test_collate_then_move_keeps_every_field():
     _assert_same({k: v._inner for k, v in moved.items()}, batch)
 
 
+def _loss_inputs(device, dtype=torch.float32, s=37, b=2, h=8, v=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(s, b, h, generator=g, dtype=dtype).to(device).requires_grad_()
+    weight = torch.randn(v, h, generator=g, dtype=dtype).to(device).requires_grad_()
+    labels = torch.randint(0, 2 * v, (b, s), generator=g).to(device)  # half outside a TP-1 vocab: TP 2's other shard
+    mask = (torch.rand(b, s, generator=g) > 0.3).float().to(device)
+    return hidden, weight, labels, mask
+
+
+def _loss_and_grads(device, **kwargs):
+    hidden, weight, labels, mask = _loss_inputs(device)
+    labels = labels % weight.shape[0]
+    losses = chunked_lm_loss(hidden, weight, labels, chunk_tokens=10, **kwargs)
+    total, count = masked_loss_sum(losses, mask)
+    total.backward()
+    return losses, total, count, hidden.grad, weight.grad
+
+
+@pytest.fixture
+def no_addmm_probe(monkeypatch):
+    """The one-off (cached) probe of a fused bf16 -> fp32 GEMM is a sync of its own, made once per
+    process on CUDA; answered here so the counts are the loss head's."""
+    monkeypatch.setattr(cross_entropy, "_OUT_DTYPE_ADDMM", {CUDA0: False})
+
+
+def test_chunked_loss_head_forward_backward_on_the_device_without_syncs(no_addmm_probe):
+    want = _loss_and_grads("cpu")
+    with cuda_on_cpu() as log:
+        got = _loss_and_grads("cuda")
+        assert all(is_fake_cuda(t) for t in got), [t.device for t in got]
+        got = [t.cpu() for t in got]
+        assert log.syncs == ["copy to host memory"] * len(got), log.syncs  # only the test's own copies
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.fixture
+def fake_tp2():
+    """A 2-rank process group whose collectives do nothing (torch's fake backend): TP 2's code
+    paths with one process; the values are not those of TP 2."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_chunked_loss_head_tp2_on_the_device_without_syncs(no_addmm_probe, fake_tp2, sequence_parallel):
+    with cuda_on_cpu() as log:
+        hidden, weight, labels, mask = _loss_inputs("cuda", s=36)
+        if sequence_parallel:  # this rank's half of the sequence
+            hidden = hidden.detach()[:18].requires_grad_()
+        weight.main_grad = torch.zeros(weight.shape, device="cuda")  # megatron DDP's fp32 buffer
+        weight.grad_added_to_main_grad = False
+        losses = chunked_lm_loss(hidden, weight, labels, chunk_tokens=10, tp_group=fake_tp2,
+                                 sequence_parallel=sequence_parallel)
+        total, _ = masked_loss_sum(losses, mask)
+        total.backward()
+        assert all(is_fake_cuda(t) for t in (losses, hidden.grad, weight.main_grad))
+        assert weight.grad_added_to_main_grad and log.syncs == [], log.syncs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cp,tp,sp", LAYOUTS)
 def test_thd_micro_batches_on_cuda(cp, tp, sp):
@@ -110,3 +176,17 @@ def test_thd_micro_batches_on_cuda(cp, tp, sp):
             assert g["tokens"].is_cuda and g["position_ids"].is_cuda
             _assert_same({k: v.cpu() for k, v in g.items() if torch.is_tensor(v)},
                          {k: v for k, v in w.items() if torch.is_tensor(v)})
+
+
+@pytest.mark.gpu
+def test_chunked_loss_head_makes_no_host_sync_on_cuda():
+    hidden, weight, labels, mask = _loss_inputs("cuda", dtype=torch.bfloat16, s=4096, h=64, v=1000)
+    cross_entropy._out_dtype_addmm_works(hidden.device)  # the one-off probe (cached), before counting
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, _ = masked_loss_sum(chunked_lm_loss(hidden, weight, labels % 1000, chunk_tokens=512), mask)
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(hidden.grad.float()).all()
