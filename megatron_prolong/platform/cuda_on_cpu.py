@@ -286,7 +286,9 @@ def _move(x: torch.Tensor, device: torch.device, dtype, non_blocking: bool = Fal
 
 
 _NCCL_CALLS = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "all_to_all_single", "send", "recv", "isend", "irecv", "reduce", "batch_isend_irecv")
+               "all_to_all_single", "send", "recv", "reduce", "batch_isend_irecv")
+"""Checked when called through ``torch.distributed``; ``isend`` / ``irecv`` are checked in
+``batch_isend_irecv`` (``P2POp`` accepts torch's own functions only)."""
 
 
 def _nccl_like(name: str, original):
