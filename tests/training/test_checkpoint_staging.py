@@ -57,25 +57,48 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def test_save_hands_pinned_host_tensors_and_holds_only_the_window_on_the_device(one_rank_group, monkeypatch):
+def _stage(group, device: str) -> dict:
+    """What a save hands megatron for the optimizer of the stub: {name: (tensor, index, key)}."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    opt = _StubOptimizer(group, 1, 0, device)
+    model_sd = {f"w{i}": ShardedTensor.from_rank_offsets(f"w{i}", p, replica_id=(0, 0, 0))
+                for i, p in enumerate(opt.params)}
+    out = optimizer_state.sharded_state_dict(opt, model_sd, is_loading=False)["chained_0"]["param_state"]
+    assert len(out) == 3 * len(NUMELS)
+    return out
+
+
+def _check_handed(handed: dict) -> None:
+    for name, sh in handed.items():
+        index, key = name.split(".")
+        assert sh.data.device.type == "cpu" and sh.data.is_pinned(), f"{name} is not in pinned host memory"
+        want = _value(int(index), optimizer_state.STATE_KEYS.index(key), 0, NUMELS[int(index)])
+        assert torch.equal(sh.data, want), name
+
+
+def test_save_hands_pinned_host_tensors_and_holds_only_the_window_on_the_device(one_rank_group, monkeypatch):
     monkeypatch.setattr(optimizer_state, "STAGING_WINDOW_BYTES", WINDOW_BYTES, raising=False)
     with cuda_on_cpu() as log:
-        opt = _StubOptimizer(one_rank_group, 1, 0, "cuda")
-        model_sd = {f"w{i}": ShardedTensor.from_rank_offsets(f"w{i}", p, replica_id=(0, 0, 0))
-                    for i, p in enumerate(opt.params)}
-        log.device_allocations.clear()
-        out = optimizer_state.sharded_state_dict(opt, model_sd, is_loading=False)
-        handed = out["chained_0"]["param_state"]
-        assert len(handed) == 3 * len(NUMELS)
-        for name, sh in handed.items():
-            index, key = name.split(".")
-            assert not is_fake_cuda(sh.data) and sh.data.is_pinned(), f"{name} is not in pinned host memory"
-            want = _value(int(index), optimizer_state.STATE_KEYS.index(key), 0, NUMELS[int(index)])
-            assert torch.equal(sh.data, want), name
-        assert log.device_allocations == [WINDOW_BYTES], log.device_allocations
+        handed = _stage(one_rank_group, "cuda")
+        assert not any(is_fake_cuda(sh.data) for sh in handed.values())
+        _check_handed(handed)
+        window = [n for n in log.device_allocations if n not in (4 * n for n in NUMELS)]
+        assert window == [WINDOW_BYTES] and len(log.device_allocations) == 1 + len(NUMELS), log.device_allocations
         assert log.syncs == ["torch.cuda.synchronize"], log.syncs  # one wait, for the host copies
+
+
+@pytest.mark.gpu
+def test_save_staging_on_cuda(one_rank_group, monkeypatch):
+    monkeypatch.setattr(optimizer_state, "STAGING_WINDOW_BYTES", WINDOW_BYTES)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    handed = _stage(one_rank_group, "cuda")
+    _check_handed(handed)
+    # Every tensor here is under the allocator's 512-byte block: the stub's parameters and states
+    # (4 per parameter) and the window; the owners' tensors on the device would add 3 per parameter.
+    assert torch.cuda.max_memory_allocated() - before <= 512 * (4 * len(NUMELS) + 1)
 
 
 def _rank_round_trip(fake_cuda: bool):
