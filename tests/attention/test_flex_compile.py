@@ -57,10 +57,16 @@ def test_recompile_limit_raises_instead_of_running_eager(fresh_dynamo, monkeypat
 
 
 @pytest.mark.gpu
-def test_inductor_compiles_flex_at_most_twice_over_lengths(fresh_dynamo):
-    from torch._dynamo.utils import counters
+def test_inductor_compiles_flex_at_most_twice_over_lengths(fresh_dynamo, monkeypatch):
+    from torch._inductor.compile_fx import compile_fx
 
-    counters.clear()
+    graphs = []
+
+    def inductor(gm, example_inputs):  # inductor, counting the graphs dynamo hands it
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    monkeypatch.setattr(flex, "COMPILE_BACKEND", inductor)
     for s in (1024, 2048, 3072, 4096):
         _attend(s, device="cuda", grad=True)
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert 1 <= len(graphs) <= 2, len(graphs)

@@ -96,9 +96,10 @@ def test_save_staging_on_cuda(one_rank_group, monkeypatch):
     torch.cuda.reset_peak_memory_stats()
     handed = _stage(one_rank_group, "cuda")
     _check_handed(handed)
-    # Every tensor here is under the allocator's 512-byte block: the stub's parameters and states
-    # (4 per parameter) and the window; the owners' tensors on the device would add 3 per parameter.
-    assert torch.cuda.max_memory_allocated() - before <= 512 * (4 * len(NUMELS) + 1)
+    # Every tensor here takes one of the allocator's 512-byte blocks: the stub's parameters and
+    # states (4 per parameter), the window, a few blocks of slack; the owners' whole tensors on the
+    # device would add 3 per parameter (9).
+    assert torch.cuda.max_memory_allocated() - before <= 512 * (4 * len(NUMELS) + 1 + 4)
 
 
 def _rank_round_trip(fake_cuda: bool):
