@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from megatron_prolong.data.batch import collate
 from megatron_prolong.parallel import cross_entropy
-from megatron_prolong.parallel.context_parallel import prepare_batch
 from megatron_prolong.parallel.cross_entropy import chunked_lm_loss, masked_loss_sum
 from megatron_prolong.platform.cuda_on_cpu import CUDA0, cuda_on_cpu, is_fake_cuda
 

@@ -11,7 +11,8 @@ gives the same bits for the same inputs on the same GPU: cuBLAS GEMMs (no atomic
 for), flex_attention's Triton forward and backward (dQ and dK/dV are written by separate programs,
 the GQA heads of one KV head summed inside one program: no atomics; compiled without autotuning,
 so every process runs the same kernel configuration), megatron's cross-entropy (index writes to
-distinct rows; the chunked loss head's one scatter-add per row), torch's reductions, the embedding backward (ordered per feature column) and AdamW. TE's cuDNN attention
+distinct rows; the chunked loss head's one scatter-add per row), torch's reductions, the embedding
+backward (ordered per feature column) and AdamW. TE's cuDNN attention
 backward may accumulate dQ with atomics by default; the TE case sets
 ``NVTE_ALLOW_NONDETERMINISTIC_ALGO=0`` (TE then keeps cuDNN's deterministic workspace path on
 sm90). The first steps of the interrupted run are compared with the reference too: if two
