@@ -211,7 +211,8 @@ def memory_plan(spec: ModelSpec, seq_length: int, *, global_batch: int, recomput
     """What ``megatron_prolong.memory_plan`` predicts for one GPU (GiB, by component and total)."""
     est = estimate(spec, Layout(1, 1, 1, 1), MemoryOptions(
         seq_length=seq_length, micro_batch_size=1, num_microbatches=global_batch, sequence_parallel=False,
-        recompute=recompute, loss_chunk_tokens=loss_chunk_tokens, attention_backend=attention_backend))
+        recompute=recompute, loss_chunk_tokens=loss_chunk_tokens, attention_backend=attention_backend,
+        checkpoint_window_bytes=0))  # the benchmark saves no checkpoint
     return {k: round(v, 2) for k, v in est.as_gib().items()}
 
 

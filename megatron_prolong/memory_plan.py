@@ -43,10 +43,20 @@ Formulas (documented with their derivation in docs/long_context.md; all per GPU,
   activations (``4f/tp``) are freed. For Llama-3-8B (f = 3.5h, kv = h/4) A stays below 4f/tp for
   cp <= 22, so its gathered dK/dV fit in the space the MLP's activations leave.
 - fixed overhead (CUDA context, NCCL buffers, allocator fragmentation): ``overhead_gib``.
+- checkpoint staging (``checkpoint_staging``): what a checkpoint save (sync or background) leaves on
+  the device. The ``parallel_reshardable`` optimizer format moves the owners' fp32 state to pinned
+  host memory through one device window (``training/optimizer_state.STAGING_WINDOW_BYTES``,
+  ``checkpoint_window_bytes`` here), so nothing of it stays on the device while a background save
+  is written; megatron's writer is handed host tensors and views of live weights. The window is
+  counted on top, conservatively: it exists between steps, when the activations are free, and the
+  allocator may keep its segment. (Before, the owners' share, ``12 P / (DP x CP)``, the optimizer
+  term again, stayed on the device through the next step.) Host memory, not counted here: that
+  share, pinned (``detail["checkpoint_host_bytes"]``).
 
-Peak: weights + grads + optimizer + overhead + resident activations + the larger of the loss
-head (its peak is at the start of the backward) and one layer's transient activations (recompute)
-plus its layer backward (each layer later): :attr:`MemoryEstimate.peak_activations`.
+Peak: weights + grads + optimizer + overhead + checkpoint staging + resident activations + the
+larger of the loss head (its peak is at the start of the backward) and one layer's transient
+activations (recompute) plus its layer backward (each layer later):
+:attr:`MemoryEstimate.peak_activations`.
 """
 
 from __future__ import annotations
@@ -85,6 +95,7 @@ class MemoryOptions:
     optimizer_bytes: int = 12  # fp32 master + Adam m, v
     distributed_optimizer: bool = True
     overhead_gib: float = 3.0
+    checkpoint_window_bytes: int = 256 * 2**20  # = training/optimizer_state.STAGING_WINDOW_BYTES
 
 
 @dataclass
@@ -100,6 +111,8 @@ class MemoryEstimate:
     backward: float
     overhead: float
     detail: dict = field(default_factory=dict)
+    checkpoint_staging: float = 0.0
+    """Device bytes a checkpoint save adds (module doc)."""
 
     @property
     def peak_activations(self) -> float:
@@ -110,11 +123,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.peak_activations + self.overhead
+        return (self.weights + self.grads + self.optimizer + self.peak_activations + self.overhead
+                + self.checkpoint_staging)
 
     def as_gib(self) -> dict:
         d = {k: getattr(self, k) / GiB for k in ("weights", "grads", "optimizer", "activations",
-                                                  "gathered_kv", "logits", "backward", "overhead")}
+                                                  "gathered_kv", "logits", "backward", "overhead",
+                                                  "checkpoint_staging")}
         d["total"] = self.total / GiB
         return d
 
@@ -221,7 +236,9 @@ def estimate(spec, layout: Layout, opt: MemoryOptions) -> MemoryEstimate:
     return MemoryEstimate(layout, P, weights, grads, optimizer, activations, kv_resident, logits, backward,
                           opt.overhead_gib * GiB,
                           detail={"local_tokens": T, "elems_per_token_layer": e, "transient_layer_bytes": transient,
-                                  "full_layer_bytes": full_layer, "in_flight_microbatches": in_flight})
+                                  "full_layer_bytes": full_layer, "in_flight_microbatches": in_flight,
+                                  "checkpoint_host_bytes": optimizer},
+                          checkpoint_staging=float(opt.checkpoint_window_bytes))
 
 
 def _divisors(n):

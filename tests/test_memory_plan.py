@@ -123,3 +123,21 @@ def test_peak_activation_memory_brackets_measured():
         print(f"recompute={rec:5} S={S:4}: measured peak {measured:>9} B, predicted {predicted:>10.0f} B, "
               f"ratio {predicted / measured:.3f}")
         assert 0.95 < predicted / measured < 1.25, (rec, S, measured, predicted)
+
+
+def test_checkpoint_staging_term():
+    """A save leaves only the staging window on the device (the owners' optimizer share goes to
+    pinned host memory); that share on the device ran the 8-GPU 512K layout out of 80 GiB."""
+    from megatron_prolong.memory_plan import GiB, Layout, MemoryOptions, estimate
+    from megatron_prolong.models.registry import get_model_spec
+    from megatron_prolong.training.optimizer_state import STAGING_WINDOW_BYTES
+
+    opt = MemoryOptions(seq_length=524288)
+    assert opt.checkpoint_window_bytes == STAGING_WINDOW_BYTES
+    est = estimate(get_model_spec("llama3-8b"), Layout(tp=2, cp=4), opt)
+    assert est.checkpoint_staging == STAGING_WINDOW_BYTES and est.as_gib()["checkpoint_staging"] == 0.25
+    without = estimate(get_model_spec("llama3-8b"), Layout(tp=2, cp=4), MemoryOptions(seq_length=524288,
+                                                                                       checkpoint_window_bytes=0))
+    assert est.total - without.total == STAGING_WINDOW_BYTES
+    assert est.detail["checkpoint_host_bytes"] == est.optimizer  # the owners' share, now on the host
+    assert est.total <= 80 * GiB < without.total + est.optimizer

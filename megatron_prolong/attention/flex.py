@@ -26,16 +26,32 @@ import torch
 BLOCK_SIZE = 128
 """flex_attention's default sparse block size (both dimensions)."""
 
+COMPILE_BACKEND = "inductor"
+"""``torch.compile`` backend of flex_attention (tests count compilations with dynamo's
+``CompileCounter`` instead)."""
+
 _COMPILED = {}
 
 
+class FlexRecompileError(RuntimeError):
+    """flex_attention would run uncompiled: dynamo's recompile limit was reached."""
+
+
 def flex_attention_compiled():
-    """flex_attention compiled once per process (eager flex_attention materialises the scores)."""
-    if "fn" not in _COMPILED:
+    """flex_attention compiled once per process and backend.
+
+    Eager flex_attention materialises the whole score matrix (hundreds of GiB at 64K), so it must
+    never run uncompiled. ``fullgraph=True``: a graph break, or a recompile past dynamo's
+    ``recompile_limit`` (8), raises instead of silently falling back to eager. Shapes are static
+    first and dynamic from the first length that differs (dynamo's automatic dynamic shapes), so
+    training (one length) gets the static kernel and an evaluation over many lengths compiles
+    about twice, not once per length.
+    """
+    if COMPILE_BACKEND not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED["fn"]
+        _COMPILED[COMPILE_BACKEND] = torch.compile(flex_attention, backend=COMPILE_BACKEND, fullgraph=True)
+    return _COMPILED[COMPILE_BACKEND]
 
 
 def _block_min_max(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,5 +128,25 @@ def document_block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, doc_ids: Optio
 
 def flex_document_attention(q, k, v, block_mask, softmax_scale: float) -> torch.Tensor:
     """``[b, h, s, d]`` attention under ``block_mask``; rows with no allowed key come out as 0."""
-    return flex_attention_compiled()(q, k, v, block_mask=block_mask, scale=softmax_scale,
-                                     enable_gqa=q.shape[1] != k.shape[1])
+    try:
+        return flex_attention_compiled()(q, k, v, block_mask=block_mask, scale=softmax_scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    except Exception as exc:
+        if not _recompile_limit_hit(exc):
+            raise
+        from torch._dynamo import config
+
+        raise FlexRecompileError(
+            f"flex_attention reached torch._dynamo.config.recompile_limit ({config.recompile_limit}) at q "
+            f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}: it would run uncompiled, materialising the "
+            "whole score matrix. Each new combination of dtype, heads, batch size or static length costs "
+            "a compilation (TORCH_LOGS=recompiles says why); use fewer (e.g. evaluate fewer lengths or "
+            "one micro-batch size), or raise torch._dynamo.config.recompile_limit") from exc
+
+
+def _recompile_limit_hit(exc: BaseException) -> bool:
+    while exc is not None:
+        if type(exc).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -168,6 +168,9 @@ def thd_pack(batch: dict, *, cp_size: int, total_multiple: int = 1) -> dict:
         out[dest] = x.reshape(-1)
         return out.unsqueeze(0)
 
+    # Written into a buffer on the tokens' device: built there (CUDA refuses a CPU source here).
+    doc_starts = torch.repeat_interleave(cu_real[:-1].long(), real).to(dev)
+    positions = torch.arange(int(cu_real[-1]), device=dev) - doc_starts
     return {
         "tokens": scatter(tokens, 0),
         "labels": scatter(labels, 0),
@@ -175,9 +178,7 @@ def thd_pack(batch: dict, *, cp_size: int, total_multiple: int = 1) -> dict:
         "cu_seqlens": cu_real.to(dev),
         "cu_seqlens_padded": cu_pad.to(dev),
         "max_seqlen": int(padded.max()),
-        "position_ids": scatter(
-            torch.arange(int(cu_real[-1])) - torch.repeat_interleave(cu_real[:-1].long(), real), 0
-        ).to(dev),
+        "position_ids": scatter(positions, 0),
     }
 
 

@@ -157,10 +157,13 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
             # d loss / d logits; g is that in the weight's dtype: what megatron's output layer
             # receives (its logits are in that dtype before the loss upcasts them).
             probs = _upcast(h @ weight.t()).sub_(lses[s:e, None]).exp_()
+            # softmax - onehot without a host sync (no nonzero / data-dependent shape): every row
+            # adds -1 at its target's column if this shard holds it, else -0 (which leaves any
+            # value unchanged), so the result is bitwise that of subtracting 1 at the held targets.
             t = target[s:e]
             in_shard = (t >= vocab_start) & (t < vocab_end)
-            rows = torch.nonzero(in_shard).flatten()
-            probs[rows, (t[rows] - vocab_start)] -= 1.0
+            local_t = (t - vocab_start).clamp(0, probs.shape[1] - 1)
+            probs.scatter_add_(1, local_t[:, None], in_shard[:, None].to(probs.dtype).neg())
             g = probs.mul_(grad_losses[s:e, None]).to(weight.dtype)
             del probs
             if grad_hidden is not None:

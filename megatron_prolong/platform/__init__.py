@@ -90,6 +90,12 @@ def is_cuda() -> bool:
     return _DEVICE == "cuda"
 
 
+def synchronize(device: torch.device) -> None:
+    """Block the host until the work queued on ``device`` is done (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def dist_backend() -> str:
     return "nccl" if _DEVICE == "cuda" else "gloo"
 

@@ -23,7 +23,8 @@ def _row(est, fits=None):
     mark = "" if fits is None else ("fits" if fits else "OOM")
     return (f"tp={l.tp:<2} pp={l.pp:<2} cp={l.cp:<3} dp={l.dp:<3} | weights {g['weights']:6.2f} grads {g['grads']:6.2f} "
             f"optim {g['optimizer']:6.2f} act {g['activations']:7.2f} (kv {g['gathered_kv']:6.2f}) loss head "
-            f"{g['logits']:6.2f} layer bwd {g['backward']:5.2f} ovh {g['overhead']:4.1f} | peak {g['total']:7.2f} GiB "
+            f"{g['logits']:6.2f} layer bwd {g['backward']:5.2f} ovh {g['overhead']:4.1f} ckpt save "
+            f"{g['checkpoint_staging']:4.2f} | peak {g['total']:7.2f} GiB "
             f"{mark}")
 
 

@@ -19,7 +19,17 @@ and writes it as a regular per-parameter tensor under the same key, offsets and 
 the model weight itself, so megatron's loader reshards it like the weights to any TP/PP/CP/DP
 layout. Loading is the reverse: each owner reads its parameters' state and sends every rank the
 slice that rank holds. Every rank writes and reads about 1/DP of its model shard's optimizer state
-(its own share), in parallel; the transient memory is that share, on the rank's device.
+(its own share), in parallel.
+
+Memory: the owners' whole tensors live in host memory (pinned on CUDA), never on the device. The
+slices pass through one device buffer of ``STAGING_WINDOW_BYTES`` (NCCL moves device memory only),
+a window of one parameter's state at a time: received into it, copied to the host, and the other
+way round on load. So a background save holds no device memory while the training goes on
+(megatron's writer keeps what it was handed until the save is finalised, a step or more later:
+the owners' share on the device was +11.2 GiB per GPU at TP 2 x CP 4, 512K), and the device
+transient of a save or load is the window (``memory_plan``'s ``checkpoint_staging``). The host
+holds the rank's share, about 12 bytes x its model shard's parameters / (DP x CP), which torch's
+pinned-memory cache keeps for the next save.
 """
 
 from __future__ import annotations
@@ -29,11 +39,22 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from .. import platform
+
 FORMAT = "parallel_reshardable"
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 """Per-parameter tensors of megatron's DistributedOptimizer with Adam (``param``: fp32 main weight)."""
 _STORED_NAME = {"param": "fp32_param"}  # megatron's own names in its model-space formats
 _KEY_PREFIX = "optimizer.state"
+STAGING_WINDOW_BYTES = 256 * 2**20
+"""Device buffer the state passes through between the ranks and the owners' host tensors."""
+
+
+def _host_tensor(numel: int, device: torch.device) -> torch.Tensor:
+    """An owner's whole fp32 tensor: host memory, pinned when the state is on CUDA (asynchronous
+    copies; megatron's writer takes host tensors as they are). One allocation per tensor: megatron
+    clones host tensors that are views of a larger storage."""
+    return torch.empty(numel, dtype=torch.float32, pin_memory=device.type == "cuda")
 
 
 @dataclass
@@ -110,31 +131,53 @@ class _Plan:
         return {k: tensors[k] for k in STATE_KEYS}
 
     def exchange(self, full: dict, *, to_owner: bool) -> None:
-        """Move slices between the owners' whole tensors ``full[index][key]`` and every rank's
-        optimizer state: towards the owners (save) or from them (load)."""
-        ops, copies = [], []
+        """Move slices between the owners' whole host tensors ``full[index][key]`` and every rank's
+        optimizer state: towards the owners (save) or from them (load). Collective over the
+        data-parallel group; every rank walks the parameters, keys and windows in the same order."""
+        owned = self.owned()
+        size = min(STAGING_WINDOW_BYTES // 4, max((p.numel for p in owned), default=0))
+        window = torch.empty(size, dtype=torch.float32, device=owned[0].param.device) if owned else None
         for item in self.params:
             mine_held = any(r == self.dp_rank for r, _, _ in item.pieces)
             if item.owner != self.dp_rank and not mine_held:
                 continue
             states = self._slice_states(item) if mine_held else None
-            for rank, start, end in item.pieces:
-                for key in STATE_KEYS:
-                    if item.owner == self.dp_rank and rank == self.dp_rank:
-                        copies.append((full[item.index][key][start:end], states[key]))
-                    elif item.owner == self.dp_rank:
-                        buf = full[item.index][key][start:end]
-                        op = dist.irecv if to_owner else dist.isend
-                        ops.append(dist.P2POp(op, buf, self._peer(rank), self.group))
-                    elif rank == self.dp_rank:
-                        op = dist.isend if to_owner else dist.irecv
-                        ops.append(dist.P2POp(op, states[key], self._peer(item.owner), self.group))
+            for key in STATE_KEYS:
+                whole = full[item.index][key] if item.owner == self.dp_rank else None
+                for lo in range(0, item.numel, STAGING_WINDOW_BYTES // 4):
+                    hi = min(item.numel, lo + STAGING_WINDOW_BYTES // 4)
+                    self._exchange_window(item, lo, hi, None if whole is None else whole[lo:hi],
+                                          states[key] if mine_held else None, window, to_owner)
+        if to_owner and window is not None:
+            platform.synchronize(window.device)  # the host copies are complete when the save plans
+
+    def _exchange_window(self, item: _Param, lo: int, hi: int, host, state, window, to_owner: bool) -> None:
+        """Elements ``[lo, hi)`` of one state tensor of ``item``: ``host`` is the owner's host
+        slice (None elsewhere), ``state`` this rank's slice of the parameter (None if it holds none)."""
+        owner = item.owner == self.dp_rank
+        buf = window[:hi - lo] if owner else None
+        ops = []
         with torch.no_grad():
-            for whole, part in copies:
-                (whole.copy_(part) if to_owner else part.copy_(whole))
+            if owner and not to_owner:
+                buf.copy_(host, non_blocking=True)
+            for rank, start, end in item.pieces:
+                a, b = max(start, lo), min(end, hi)
+                if a >= b or (not owner and rank != self.dp_rank):
+                    continue
+                part = state[a - start:b - start] if rank == self.dp_rank else None
+                if owner and rank == self.dp_rank:
+                    (buf[a - lo:b - lo].copy_(part) if to_owner else part.copy_(buf[a - lo:b - lo]))
+                elif owner:
+                    op = dist.irecv if to_owner else dist.isend
+                    ops.append(dist.P2POp(op, buf[a - lo:b - lo], self._peer(rank), self.group))
+                else:
+                    op = dist.isend if to_owner else dist.irecv
+                    ops.append(dist.P2POp(op, part, self._peer(item.owner), self.group))
             if ops:
                 for req in dist.batch_isend_irecv(ops):
                     req.wait()
+            if owner and to_owner:
+                host.copy_(buf, non_blocking=True)
 
 
 def _sharded_metadata(model_sharded_state_dict) -> dict:
@@ -147,15 +190,15 @@ def _sharded_metadata(model_sharded_state_dict) -> dict:
 
 def sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool) -> dict:
     """The optimizer's part of a dist checkpoint (collective). Saving moves each parameter's
-    state to its owner first; loading allocates the owners' receive buffers."""
+    state to its owner's host memory first; loading allocates the owners' host tensors to load into."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     meta = _sharded_metadata(model_sharded_state_dict)
     out = {}
     for i, sub in enumerate(_sub_optimizers(optimizer)):
         plan = _Plan(sub)
-        full = {item.index: {k: torch.empty(item.numel, dtype=torch.float32, device=item.param.device)
-                             for k in STATE_KEYS} for item in plan.owned()}
+        full = {item.index: {k: _host_tensor(item.numel, item.param.device) for k in STATE_KEYS}
+                for item in plan.owned()}
         if not is_loading:
             plan.exchange(full, to_owner=True)
         tensors = {}

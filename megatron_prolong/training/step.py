@@ -124,14 +124,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def _global_loss(reduced: list[dict], device: torch.device) -> tuple[float, float]:
     """Sum the (loss, tokens) pairs over micro-batches and DP x CP; share with every PP stage."""
-    pair = torch.zeros(2, dtype=torch.float64)
+    pair = torch.zeros(2, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         for item in reduced:
-            pair += item["lm loss"].detach().double().cpu()
-    pair = pair.to(device)
-    if parallel_state.is_pipeline_last_stage():
+            pair += item["lm loss"].detach().double()
         dist.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(pair, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(pair[0]), float(pair[1])
+    loss_sum, tokens = pair.tolist()  # the step's one read of the loss (a host sync)
+    return loss_sum, tokens

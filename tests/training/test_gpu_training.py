@@ -11,7 +11,8 @@ gives the same bits for the same inputs on the same GPU: cuBLAS GEMMs (no atomic
 for), flex_attention's Triton forward and backward (dQ and dK/dV are written by separate programs,
 the GQA heads of one KV head summed inside one program: no atomics; compiled without autotuning,
 so every process runs the same kernel configuration), megatron's cross-entropy (index writes to
-distinct rows), torch's reductions, the embedding backward (ordered per feature column) and AdamW. TE's cuDNN attention
+distinct rows; the chunked loss head's one scatter-add per row), torch's reductions, the embedding
+backward (ordered per feature column) and AdamW. TE's cuDNN attention
 backward may accumulate dQ with atomics by default; the TE case sets
 ``NVTE_ALLOW_NONDETERMINISTIC_ALGO=0`` (TE then keeps cuDNN's deterministic workspace path on
 sm90). The first steps of the interrupted run are compared with the reference too: if two
@@ -114,3 +115,59 @@ def test_resume_continues_exactly(path, tmp_path):
         assert a == b, (f"step {step} after resuming at {SAVE_AT}: {a!r} != uninterrupted {b!r} "
                         f"(rel {abs(a - b) / abs(b):.2e}); the kernels are deterministic (steps 1-{SAVE_AT} "
                         "matched), so the checkpoint restored something inexactly")
+
+
+LISTED_SYNCS_PER_STEP = 3
+"""docs/gpu.md's review list for a portable-path step: the loss read, megatron's gradient norm and
+the agreed non-finite decision."""
+
+
+def _step_syncs(overrides: list[str]) -> list[list[str]]:
+    """Where each step of three waits for the GPU (``torch.cuda.set_sync_debug_mode``): one list
+    of ``file:line`` per step, data preparation included."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from megatron_prolong.config import load_config
+    from megatron_prolong.parallel import destroy
+    from megatron_prolong.training.run import resolve_run
+    from megatron_prolong.training.setup import build_model, build_optimizer, build_scheduler
+    from megatron_prolong.training.step import train_step
+    from megatron_prolong.training.trainer import step_batches
+
+    class Packed:  # two documents per sample, the second over the CP chunks
+        def __getitem__(self, i):
+            rng = np.random.default_rng(i)
+            return {"tokens": rng.integers(1, 500, 256), "labels": rng.integers(1, 500, 256),
+                    "loss_mask": np.ones(256, np.float32), "cu_seqlens": np.array([0, 40 + i % 7, 256], np.int32)}
+
+    cfg = load_config(None, BASE + overrides)
+    run = resolve_run(cfg)
+    try:
+        model = build_model(cfg, run)
+        optimizer = build_optimizer(cfg, run, model)
+        scheduler = build_scheduler(cfg, optimizer)
+        steps = []
+        for step in range(3):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    train_step(model, optimizer, scheduler, step_batches(cfg, run, Packed(), 4 * step, None),
+                               num_microbatches=4, seq_length=256, micro_batch_size=1, global_batch_size=4,
+                               device=run.device)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            steps.append([f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)])
+        return steps
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("path", ["portable", "portable-recompute-ce-chunks"])
+def test_step_host_syncs_are_the_listed_ones(path):
+    steps = run_distributed(_step_syncs, 1, (PATHS[path][0],))[0]
+    for syncs in steps[1:]:  # the first step compiles flex_attention
+        assert len(syncs) <= LISTED_SYNCS_PER_STEP, syncs
