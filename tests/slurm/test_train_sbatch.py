@@ -252,8 +252,8 @@ def runs(cluster, tmp_path_factory) -> Runs:
         pool.submit(guarded, run_preemption, flows["preemption"], jobs["P"], jobs["B"])
         pool.submit(guarded, run_time_limit, flows["time_limit"], jobs["T"])
         pool.submit(guarded, run_other, flows["other"], jobs["T"], jobs["O"])
-    print(f"\n[slurm] scenario done in {s.elapsed()} s: "
-          + "; ".join(f"{k}: {v}" for f in flows.values() for k, v in f.obs.items() if k.endswith("_s")))
+    print(f"\n[slurm] scenario done in {s.elapsed()} s: "  # timings and steps, for the record
+          + "; ".join(f"{k}={v}" for f in flows.values() for k, v in f.obs.items() if not isinstance(v, dict)))
     return Runs(s, jobs, flows["preemption"], flows["time_limit"], flows["other"], had_logs_dir, refused)
 
 
