@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+PREEMPTED = "pre-emption signal"
+
+EXIT_STATUS_FILE = "PROLONG_EXIT_STATUS_FILE"
+"""Environment variable naming a file where the trainer writes how it ended, for a launcher that
+decides whether to requeue (examples/slurm/train.sbatch requeues only on ``preempted``)."""
+
+
+def write_exit_status(*, preempted: bool, iteration: int, steps: int) -> None:
+    """``finished``, ``preempted`` (stopped by a signal with steps left) or ``stopped``
+    (``train.exit_at_step``), then the step reached and ``train.steps``. Written by the first rank
+    of each node where the variable is set (all ranks agree on the stop): a node-local path works."""
+    path = os.environ.get(EXIT_STATUS_FILE)
+    if not path or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    state = "finished" if iteration >= steps else "preempted" if preempted else "stopped"
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # atomic: the launcher never reads half a line
+    tmp.write_text(f"{state} {iteration} {steps}\n")
+    os.replace(tmp, path)
 
 
 class PreemptionSignal:

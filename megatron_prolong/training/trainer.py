@@ -17,7 +17,7 @@ from .guard import StepGuard
 from .progress import ProgressLogger
 from .run import Run, resolve_run
 from .setup import build_model, build_optimizer, build_scheduler
-from .signals import PreemptionSignal
+from .signals import PREEMPTED, PreemptionSignal, write_exit_status
 from .step import train_step
 
 
@@ -28,6 +28,8 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     interrupted: bool = False
+    stopped_by: Optional[str] = None
+    """Why the loop ended before ``train.steps`` (``PREEMPTED`` or ``"train.exit_at_step"``)."""
     evaluations: dict = field(default_factory=dict)
     """Validation results (``eval.ValidationResult``) by the step they followed."""
 
@@ -69,7 +71,7 @@ def train(cfg: Config) -> TrainResult:
                 result.evaluations[result.iteration] = evaluator.evaluate(result.iteration)
                 log.skip_pause()
 
-            stop = "pre-emption signal" if preempt.any_rank_received(run.device) else \
+            stop = PREEMPTED if preempt.any_rank_received(run.device) else \
                 "train.exit_at_step" if result.iteration == t.exit_at_step else None
             checkpointer.poll()
             if checkpointer.maybe_save(result.iteration, consumed_samples=result.consumed_samples, force=bool(stop),
@@ -80,9 +82,10 @@ def train(cfg: Config) -> TrainResult:
             if stop:
                 then = "relaunch to resume" if cfg.checkpoint.save_dir else "no checkpoint.save_dir, so nothing was saved"
                 log.info(f"{stop}: stopped after step {result.iteration}; {then}")
-                result.interrupted = True
+                result.interrupted, result.stopped_by = True, stop
                 break
     log.close()
+    write_exit_status(preempted=result.stopped_by == PREEMPTED, iteration=result.iteration, steps=t.steps)
     return result
 
 

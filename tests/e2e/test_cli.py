@@ -10,24 +10,27 @@ from pathlib import Path
 
 import pytest
 
+from megatron_prolong.training.signals import EXIT_STATUS_FILE
 from tests.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(args, nproc=1, timeout=600):
+def _run(args, nproc=1, timeout=600, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), "pretrain_prolong.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.distributed
 def test_two_process_run_prints_progress_and_checkpoints(tmp_path):
+    status = tmp_path / "exit_status"
     out = _run(["--config", "examples/tiny_cpu.yaml", "train.steps=4", "train.seq_length=64",
                 f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=2",
-                f"logging.tensorboard_dir={tmp_path / 'tb'}"], nproc=2)
+                f"logging.tensorboard_dir={tmp_path / 'tb'}"], nproc=2, env={EXIT_STATUS_FILE: str(status)})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert status.read_text() == "finished 4 4\n"  # what the sbatch script reads: nothing to requeue
     lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
     assert len(lines) == 4
     pattern = (r"step +\d+/4 \| loss \d+\.\d+ \| lr [\d.e+-]+ \| grad norm \d+\.\d+ \| tokens/s [\d,]+ \([\d,]+/rank\) \| "
@@ -54,14 +57,16 @@ def test_bad_input_fails_fast_with_a_clear_message(args, message):
 
 @pytest.mark.distributed
 def test_slurm_style_preemption_through_torchrun(tmp_path):
-    """What examples/slurm/train.sbatch does: torchrun's agent ignores SIGUSR1, the signal goes to
-    every process of the job, the ranks save together and exit 0; the relaunch resumes."""
+    """What examples/slurm/launch_node.sh does: torchrun's agent ignores SIGUSR1, the signal goes to
+    the agent's children (the trainers), the ranks save together, exit 0 and report "preempted"
+    (so the sbatch script requeues); the relaunch resumes."""
 
+    status = tmp_path / "exit_status"
     args = ["--config", "examples/tiny_cpu.yaml", "train.steps=200", "train.seq_length=64",
             f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=0", "checkpoint.save_at_end=false"]
     launch = (f"trap '' USR1; exec {sys.executable} -m torch.distributed.run --nproc-per-node 2 "
               f"--master-port {free_port()} pretrain_prolong.py " + " ".join(args))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", EXIT_STATUS_FILE: str(status)}
     proc = subprocess.Popen(["bash", "-c", launch], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
@@ -69,9 +74,8 @@ def test_slurm_style_preemption_through_torchrun(tmp_path):
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("step      3/"):
-                # The sbatch script's pattern (trainer processes, which torchrun starts in sessions
-                # of their own), narrowed to this run's command lines.
-                subprocess.run(["pkill", "-USR1", "-f", f"[-]u pretrain_prolong.py .*{tmp_path}"], check=True)
+                # launch_node.sh --signal: the children of this job's agent (exec kept its PID).
+                subprocess.run(["pkill", "-USR1", "-P", str(proc.pid)], check=True)
                 break
         lines.extend(proc.stdout)
         assert proc.wait(timeout=300) == 0, "".join(lines[-40:])
@@ -82,8 +86,10 @@ def test_slurm_style_preemption_through_torchrun(tmp_path):
     assert "pre-emption signal: stopped after step" in text
     stopped = int((tmp_path / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < 200
-    out = _run(args + [f"train.exit_at_step={stopped + 1}"], nproc=2)
+    assert status.read_text() == f"preempted {stopped} 200\n"
+    out = _run(args + [f"train.exit_at_step={stopped + 1}"], nproc=2, env={EXIT_STATUS_FILE: str(status)})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert status.read_text() == f"stopped {stopped + 1} 200\n"  # train.exit_at_step: not to requeue
     assert f"resumed from {tmp_path} at step {stopped}" in out.stdout
     assert f"step {stopped + 1:>6}/200" in out.stdout
 
