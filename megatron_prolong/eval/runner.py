@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint_layout import CheckpointError, model_spec_from_meta, read_checkpoint_meta, resolve_checkpoint
-from ..models.registry import ModelSpec, list_models
+from ..models.registry import ModelSpec
 from ..parallel.cp_layout import check_seq_length
 
 TASKS = ("ppl", "needle")
@@ -208,8 +208,8 @@ def eval_config(req: Request, world_size: int):
     dp = max(1, world_size // (a.tp * a.pp * a.cp))
     chunk = a.loss_chunk_tokens if a.loss_chunk_tokens is not None else (2048 if req.max_length > 16384 else 0)
     overrides = [
-        f"model.name={spec.name if spec.name in list_models() else 'llama3-8b'}",
-        # YAML's own dump: a float such as 1e-05 must come back as a float, not a string
+        # The checkpoint's model (init_from below) at this iteration's spec. YAML's own dump: a float
+        # such as 1e-05 must come back as a float, not a string.
         f"model.overrides={yaml.safe_dump(fields, default_flow_style=True, width=1 << 30).strip()}",
         f"model.loss_chunk_tokens={chunk}",
         f"parallel.tensor={a.tp}", f"parallel.pipeline={a.pp}", f"parallel.context={a.cp}",
