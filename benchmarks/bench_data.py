@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 
-from megatron_prolong.data.indexed import quiet_library_warnings
+from megatron_prolong.platform import quiet_known_warnings
 
 PACKED = 65536  # tokens per packed MDS sample, as in ProLong's 64K data
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where to put shards (default: a temp folder)")
     p.add_argument("--all-cores", action="store_true", help="do not pin the loader to one core")
     args = p.parse_args(argv)
-    quiet_library_warnings()
+    quiet_known_warnings()
     from megatron_prolong.data.mds import ConvertOptions, convert_mds
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (one-time import, not throughput)
 

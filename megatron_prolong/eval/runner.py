@@ -356,13 +356,9 @@ def evaluate(req: Request) -> dict:
     t0 = time.time()
     inputs = prepare_inputs(req)
 
-    from ..data.indexed import quiet_library_warnings
-    from ..platform import quiet_known_warnings
     from .engine import ForwardScorer
     from .state import evaluation_mode
 
-    quiet_library_warnings()
-    quiet_known_warnings()
     a = req.args
     cfg, run, model = load_model(req)
     scorer = ForwardScorer(model, cfg, run)

@@ -12,5 +12,11 @@ that the install puts on PATH (``_`` written ``-``):
 - ``plan_memory``: per-GPU memory of a layout, and layouts that fit
 """
 
+from ..platform import quiet_known_warnings
+
+# Every entry to a tool imports this package first: library notices that tell a user nothing are
+# quieted here, once, before a tool loads torch or megatron-core.
+quiet_known_warnings()
+
 TOOLS = ("mds_to_indexed", "tokenize_to_indexed", "make_sft_data", "make_demo_data", "convert_checkpoint",
          "checkpoint_info", "evaluate", "plan_memory")

@@ -34,8 +34,7 @@ import argparse
 import sys
 
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
-                                           quiet_library_warnings)
+from megatron_prolong.data.indexed import LLAMA3_VOCAB_SIZE, DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_library_warnings()
     from megatron_prolong.data.mds import ConvertOptions, convert_mds
     from megatron_prolong.data.mixtures import MIXTURES
 
