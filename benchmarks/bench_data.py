@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the data pipeline against mosaicml-streaming on the same synthetic ProLong shards.
 
-1. MDS -> indexed conversion (``megatron_prolong/tools/mds_to_indexed.py`` engine) vs. a bare read of all samples
+1. MDS -> indexed conversion (``tools/mds_to_indexed.py`` engine) vs. a bare read of all samples
    with streaming's own ``LocalDataset`` (target: conversion within 2x of the bare read); the same
    at ``--workers N``, and from zstd-compressed copies of the shards (read without decompressing
    them to disk), at 1 and N workers. Conversions are timed ``--repeat`` times, best kept (other

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Known-answer check of the retrieval harness: train llama3-debug on synthetic key-value needles
-(CPU, the real trainer), then score the untrained and trained checkpoints with megatron_prolong/tools/evaluate.py's
+(CPU, the real trainer), then score the untrained and trained checkpoints with tools/evaluate.py's
 harness at the trained context and beyond it. Prints a table; not pass/fail.
 
     python benchmarks/bench_retrieval.py                      # 1 needle, 300 steps, lengths 64,128,256

@@ -288,7 +288,7 @@ class EvalConfig:
     reported overall and per validation dataset (printed and under ``eval/`` in TensorBoard).
     Evaluation leaves the run untouched: a run with it on trains exactly like one with it off
     (RNG states, data position and train mode are restored). For long-context measures of a
-    saved checkpoint (perplexity by position, needle retrieval) see ``megatron_prolong/tools/evaluate.py``."""
+    saved checkpoint (perplexity by position, needle retrieval) see ``tools/evaluate.py``."""
 
     interval: int = 0
     """Evaluate every N training steps (0: no periodic evaluation)."""

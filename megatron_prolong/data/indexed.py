@@ -46,7 +46,7 @@ def check_prefix_exists(prefix: str | os.PathLike, what: str = "dataset") -> Non
         if not path.is_file():
             raise FileNotFoundError(
                 f"{what} prefix {prefix!s}: missing file {path}. Build it with "
-                "megatron_prolong/tools/mds_to_indexed.py or megatron_prolong/tools/tokenize_to_indexed.py, or fix the prefix "
+                "tools/mds_to_indexed.py or tools/tokenize_to_indexed.py, or fix the prefix "
                 "(give the path without .bin/.idx).")
 
 

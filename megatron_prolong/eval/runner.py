@@ -1,7 +1,7 @@
-"""``megatron_prolong/tools/evaluate.py``: long-context evaluation of a trainer checkpoint with the training model.
+"""``tools/evaluate.py``: long-context evaluation of a trainer checkpoint with the training model.
 
-    python -m megatron_prolong.tools.evaluate --checkpoint CKPT --output OUT                      # one process
-    torchrun --nproc-per-node 8 -m megatron_prolong.tools.evaluate --checkpoint CKPT --output OUT --tp 2 --cp 4
+    python tools/evaluate.py --checkpoint CKPT --output OUT                      # one process
+    torchrun --nproc-per-node 8 tools/evaluate.py --checkpoint CKPT --output OUT --tp 2 --cp 4
 
 The checkpoint is loaded at any TP / PP / CP layout (ranks beyond TP x PP x CP are data parallel
 and split the work); every forward goes through the training path (``engine.ForwardScorer``).
@@ -29,7 +29,7 @@ NEEDLE_TASKS = ("auto", "passkey", "kv")
 MIN_DEFAULT_LENGTH = 64
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEMO = REPO_ROOT / "demo" / "data" / "stdlib_text"
-"""The corpus ``make demo`` builds (``megatron_prolong/tools/make_demo_data.py``): the default text when present."""
+"""The corpus ``make demo`` builds (``tools/make_demo_data.py``): the default text when present."""
 PASSKEY_PROBE = " The pass key is 71432. What is the pass key? 0123456789"
 
 
@@ -180,7 +180,7 @@ def check_request(args: argparse.Namespace) -> Request:
     if world % model_parallel:
         raise UsageError(f"{world} process(es) cannot hold TP x PP x CP = {args.tp} x {args.pp} x {args.cp}; "
                          f"launch a multiple of {model_parallel} "
-                         f"(torchrun --nproc-per-node {model_parallel} -m megatron_prolong.tools.evaluate ...)")
+                         f"(torchrun --nproc-per-node {model_parallel} tools/evaluate.py ...)")
     if args.data is not None:
         for ext in (".bin", ".idx"):
             if not Path(f"{args.data}{ext}").is_file():

@@ -1,6 +1,7 @@
-"""Command-line tools. Each runs as ``python -m megatron_prolong.tools.<name>`` (under torchrun:
-``torchrun ... -m megatron_prolong.tools.<name>``) or as the console script ``prolong-<name>``
-that the install puts on PATH (``_`` written ``-``):
+"""The command-line tools' code. Each runs as ``python tools/<name>.py`` from the repository
+(Megatron's convention; under torchrun: ``torchrun ... tools/<name>.py``), as the console script
+``prolong-<name>`` that the install puts on PATH (``_`` written ``-``), or as
+``python -m megatron_prolong.tools.<name>``; all three call the module's ``main()``:
 
 - ``mds_to_indexed``: ProLong MDS shards (raw or compressed) -> indexed datasets, one per domain
 - ``tokenize_to_indexed``: raw text (jsonl / parquet / text) -> indexed dataset

@@ -16,7 +16,7 @@ Train on it with ``DataConfig(blend={PREFIX: 1.0}, sft=True)``.
 
 Example:
 
-    python -m megatron_prolong.tools.make_sft_data --input ultrachat.jsonl --output-prefix data/ultrachat --workers 4
+    python tools/make_sft_data.py --input ultrachat.jsonl --output-prefix data/ultrachat --workers 4
 """
 
 from __future__ import annotations

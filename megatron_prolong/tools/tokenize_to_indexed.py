@@ -12,7 +12,7 @@ success.
 
 Example:
 
-    python -m megatron_prolong.tools.tokenize_to_indexed --input corpus/*.jsonl --output-prefix data/corpus \\
+    python tools/tokenize_to_indexed.py --input corpus/*.jsonl --output-prefix data/corpus \\
         --tokenizer path/to/Meta-Llama-3-8B/tokenizer.json --workers 8
 """
 

@@ -16,6 +16,7 @@ import torch
 
 from megatron_prolong.models.registry import MODELS, SHAPE_FIELDS
 from tests.dist import run_distributed
+from tests.tool_env import tool_env
 
 from ._helpers import LLAMA31_SCALING, make_hf_model
 
@@ -83,10 +84,9 @@ def test_trains_from_a_converted_model_in_no_registry_entry(tmp_path, capfd):
                ARCH["num_attention_heads"], ARCH["num_key_value_heads"], ARCH["vocab_size"])]
     assert all([tuple(getattr(s, f) for f in SHAPE_FIELDS)] != stored for s in MODELS.values())
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = tool_env({k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
     init = tmp_path / "init"
-    convert = subprocess.run([sys.executable, "-m", "megatron_prolong.tools.convert_checkpoint", "hf-to-megatron",
+    convert = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron",
                               "--input", str(hf), "--output", str(init)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert convert.returncode == 0, convert.stderr
