@@ -15,7 +15,7 @@ install-test:
 # Tiny Llama-3 on CPU, 2 processes: 20 steps data-parallel, checkpoint, then resume the same run
 # resharded to tensor parallel for the last 20 steps.
 demo: install
-	$(PYTHON) -m megatron_prolong.tools.make_demo_data --output-dir demo/data
+	$(PYTHON) tools/make_demo_data.py --output-dir demo/data
 	rm -rf demo/checkpoints demo/tensorboard
 	$(PYTHON) -m torch.distributed.run --nproc-per-node $(NPROC) pretrain_prolong.py \
 		--config examples/demo_cpu.yaml train.exit_at_step=20

@@ -32,12 +32,13 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
+    from megatron_prolong.platform import quiet_known_warnings
+
+    quiet_known_warnings()  # before megatron-core loads: it warns at import
     from megatron_prolong.errors import USER_ERRORS
     from megatron_prolong.parallel import destroy
-    from megatron_prolong.platform import quiet_known_warnings
     from megatron_prolong.training.trainer import train
 
-    quiet_known_warnings()
     try:
         train(cfg)
     except USER_ERRORS as e:

@@ -22,13 +22,13 @@ setup(
         "safetensors",
         "pyyaml",
         "tensorboard",
-        # megatron_prolong/tools/evaluate.py's plots (perplexity by position, retrieval heatmap).
+        # tools/evaluate.py's plots (perplexity by position, retrieval heatmap).
         "matplotlib",
         "psutil",
         # megatron-core builds two-level CP groups (TE a2a+p2p) with it.
         "einops",
     ],
-    # `prolong-<tool>` for every module of megatron_prolong.tools (also `python -m megatron_prolong.tools.<tool>`).
+    # `prolong-<tool>` for every module of megatron_prolong.tools (from a checkout also `python tools/<tool>.py`).
     entry_points={"console_scripts": [
         f"prolong-{name.replace('_', '-')}=megatron_prolong.tools.{name}:main"
         for name in ("mds_to_indexed", "tokenize_to_indexed", "make_sft_data", "make_demo_data",

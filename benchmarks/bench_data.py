@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the data pipeline against mosaicml-streaming on the same synthetic ProLong shards.
 
-1. MDS -> indexed conversion (``megatron_prolong/tools/mds_to_indexed.py`` engine) vs. a bare read of all samples
+1. MDS -> indexed conversion (``tools/mds_to_indexed.py`` engine) vs. a bare read of all samples
    with streaming's own ``LocalDataset`` (target: conversion within 2x of the bare read); the same
    at ``--workers N``, and from zstd-compressed copies of the shards (read without decompressing
    them to disk), at 1 and N workers. Conversions are timed ``--repeat`` times, best kept (other
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 
-from megatron_prolong.data.indexed import quiet_library_warnings
+from megatron_prolong.platform import quiet_known_warnings
 
 PACKED = 65536  # tokens per packed MDS sample, as in ProLong's 64K data
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where to put shards (default: a temp folder)")
     p.add_argument("--all-cores", action="store_true", help="do not pin the loader to one core")
     args = p.parse_args(argv)
-    quiet_library_warnings()
+    quiet_known_warnings()
     from megatron_prolong.data.mds import ConvertOptions, convert_mds
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (one-time import, not throughput)
 

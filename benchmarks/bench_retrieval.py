@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Known-answer check of the retrieval harness: train llama3-debug on synthetic key-value needles
-(CPU, the real trainer), then score the untrained and trained checkpoints with megatron_prolong/tools/evaluate.py's
+(CPU, the real trainer), then score the untrained and trained checkpoints with tools/evaluate.py's
 harness at the trained context and beyond it. Prints a table; not pass/fail.
 
     python benchmarks/bench_retrieval.py                      # 1 needle, 300 steps, lengths 64,128,256
@@ -26,11 +26,11 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="keep data and checkpoints here (default: a temporary folder)")
     args = p.parse_args()
 
-    from megatron_prolong.data.indexed import quiet_library_warnings
+    from megatron_prolong.platform import quiet_known_warnings
     from megatron_prolong.eval.known_answer import score_retrieval, train_known_answer_model
     from megatron_prolong.parallel import destroy
 
-    quiet_library_warnings()
+    quiet_known_warnings()
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or tmp

@@ -1,6 +1,6 @@
 """What a checkpoint folder looks like on disk: file names, metadata, the stored model spec.
 
-Light (no torch, no megatron-core): the trainer, the converters and ``megatron_prolong/tools/checkpoint_info.py``
+Light (no torch, no megatron-core): the trainer, the converters and ``tools/checkpoint_info.py``
 all read and write checkpoints through these names, so there is one definition of the layout::
 
     SAVE_DIR/latest_checkpointed_iteration.txt    newest *complete* iteration; replaced atomically

@@ -20,10 +20,13 @@ from typing import Any, Optional
 import yaml
 
 from .attention import ATTENTION_BACKENDS
+from .checkpoint_layout import LATEST_FILE
 from .data.config import DataConfig
 from .models.registry import ModelSpec, get_model_spec, list_models
 from .parallel.cp_layout import CP_COMM_TYPES, check_seq_length
 
+DEFAULT_MODEL = "llama3-debug"
+"""The architecture of a run with neither ``model.name`` nor a checkpoint."""
 OPTIMIZER_FORMATS = ("parallel_reshardable", "fully_reshardable", "dp_reshardable")
 
 
@@ -38,12 +41,19 @@ def _require(cond: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    name: str = "llama3-debug"
-    """Registry name: one of ``megatron_prolong.models.list_models()``."""
+    name: Optional[str] = None
+    """The architecture of a run that starts from no checkpoint: one of
+    ``megatron_prolong.models.list_models()`` (unset: ``llama3-debug``, a CPU-sized debug model).
+    A run that starts from a checkpoint (``checkpoint.init_from``, or a ``checkpoint.save_dir`` it
+    resumes) builds the architecture stored with that checkpoint, any Llama-architecture model
+    converted with ``hf-to-megatron``; a name that differs from it is then reported at start-up
+    and not used."""
     rotary_base: Optional[float] = None
-    """RoPE theta override (ProLong: 8e6 for 64K, 1.28e8 for 512K). None keeps the model's."""
+    """RoPE theta, on top of the registry's or the checkpoint's (ProLong: 8e6 for 64K, 1.28e8 for
+    512K). None keeps the model's."""
     overrides: dict = field(default_factory=dict)
-    """Further ModelSpec field overrides, e.g. ``{num_layers: 2}`` for a smoke run."""
+    """Further ModelSpec field overrides, e.g. ``{num_layers: 2}`` for a smoke run. On top of a
+    checkpoint only fields that leave the weights' shapes alone may change."""
     transformer_engine: str = "auto"
     """``auto`` (TE when installed and on GPU), ``on`` or ``off`` (portable attention)."""
     attention_backend: str = "auto"
@@ -54,8 +64,9 @@ class ModelConfig:
     [tokens x vocab] logits never exist (needed at 512K). 0: one piece."""
 
     def __post_init__(self):
-        _require(self.name in list_models(),
-                 f"model.name={self.name!r} is unknown; choose one of {list_models()}")
+        _require(self.name is None or self.name in list_models(),
+                 f"model.name={self.name!r} is unknown; choose one of {list_models()}, or leave it unset "
+                 "and set checkpoint.init_from to a converted checkpoint (its architecture is used)")
         _require(self.transformer_engine in ("auto", "on", "off"),
                  f"model.transformer_engine must be auto, on or off, got {self.transformer_engine!r}")
         _require(self.attention_backend in ATTENTION_BACKENDS,
@@ -63,12 +74,21 @@ class ModelConfig:
         _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens must be >= 0 (0 disables chunking)")
         self.spec()  # unknown override keys fail here, not at step 0
 
-    def spec(self) -> ModelSpec:
+    @property
+    def registry_name(self) -> str:
+        return self.name or DEFAULT_MODEL
+
+    def recipe_overrides(self) -> dict:
+        """The ModelSpec fields the recipe sets: ``overrides``, and ``rotary_base`` when given."""
         overrides = dict(self.overrides)
         if self.rotary_base is not None:
             overrides["rotary_base"] = float(self.rotary_base)
+        return overrides
+
+    def spec(self) -> ModelSpec:
+        """The registry's model with the recipe's overrides: what a run without a checkpoint builds."""
         try:
-            return get_model_spec(self.name, **overrides)
+            return get_model_spec(self.registry_name, **self.recipe_overrides())
         except ValueError as e:
             raise ConfigError(f"model.overrides: {e}") from None
 
@@ -211,8 +231,10 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end and on SIGTERM/SIGUSR1)."""
     save_at_end: bool = True
     init_from: Optional[str] = None
-    """A model-only checkpoint to start from (e.g. converted from Hugging Face); its stored
-    model spec is used. Ignored when ``save_dir`` already holds a checkpoint to resume."""
+    """A model-only checkpoint to start from (e.g. converted from Hugging Face): its stored
+    architecture is built (``model.name`` is not needed), with the recipe's ``model.rotary_base``
+    on top where the recipe sets one. Ignored when ``save_dir`` already holds a checkpoint to
+    resume."""
     keep_last: int = 0
     """Delete older checkpoints, keeping this many (0 keeps all)."""
     exit_on_signal: bool = True
@@ -243,6 +265,10 @@ class CheckpointConfig:
             _require(Path(self.init_from).is_dir(),
                      f"checkpoint.init_from={self.init_from!r} is not a directory")
 
+    def may_resume(self) -> bool:
+        """``save_dir`` holds a latest-checkpoint marker (whether it is sound is checked at resume)."""
+        return self.save_dir is not None and (Path(self.save_dir) / LATEST_FILE).is_file()
+
 
 @dataclass
 class LoggingConfig:
@@ -262,7 +288,7 @@ class EvalConfig:
     reported overall and per validation dataset (printed and under ``eval/`` in TensorBoard).
     Evaluation leaves the run untouched: a run with it on trains exactly like one with it off
     (RNG states, data position and train mode are restored). For long-context measures of a
-    saved checkpoint (perplexity by position, needle retrieval) see ``megatron_prolong/tools/evaluate.py``."""
+    saved checkpoint (perplexity by position, needle retrieval) see ``tools/evaluate.py``."""
 
     interval: int = 0
     """Evaluate every N training steps (0: no periodic evaluation)."""
@@ -291,20 +317,27 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        spec, p, t = self.model.spec(), self.parallel, self.train
+        p, t = self.parallel, self.train
         _require(not self.eval.interval or self.data.valid_entries(),
                  f"eval.interval={self.eval.interval} needs validation data: set data.valid_blend "
                  "(e.g. {'path/to/valid_prefix': 1.0}; held-out documents), or data.valid_data_prefix with "
                  "data.mixture; or set eval.interval=0")
-        _require(spec.num_attention_heads % p.tensor == 0 and spec.num_query_groups % p.tensor == 0,
-                 f"parallel.tensor={p.tensor} must divide the {spec.num_attention_heads} attention heads "
-                 f"and {spec.num_query_groups} KV heads of {spec.name}")
-        _require(spec.num_layers % p.pipeline == 0,
-                 f"parallel.pipeline={p.pipeline} must divide the {spec.num_layers} layers of {spec.name}")
+        if self.checkpoint.init_from is None and not self.checkpoint.may_resume():
+            # Else the model is the checkpoint's, checked when the run reads it (training/run.py).
+            self.check_model_layout(self.model.spec(), "")
         try:
             check_seq_length(t.seq_length, p.context, p.tensor, p.sequence_parallel)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def check_model_layout(self, spec: ModelSpec, origin: str) -> None:
+        """TP must divide the heads, PP the layers of the model built (``origin``: where it comes from)."""
+        p = self.parallel
+        _require(spec.num_attention_heads % p.tensor == 0 and spec.num_query_groups % p.tensor == 0,
+                 f"parallel.tensor={p.tensor} must divide the {spec.num_attention_heads} attention heads "
+                 f"and {spec.num_query_groups} KV heads of {spec.name}{origin}")
+        _require(spec.num_layers % p.pipeline == 0,
+                 f"parallel.pipeline={p.pipeline} must divide the {spec.num_layers} layers of {spec.name}{origin}")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallel.model_parallel

@@ -23,7 +23,7 @@
 # typing-extensions, setuptools, sympy, mpmath, networkx, jinja2, MarkupSafe, fsspec), and less:
 # * mosaicml-streaming: `import streaming` imports streaming.vision, hence torchvision, which must
 #   match the machine's torch build exactly; its other dependencies (cloud SDKs, matplotlib) are
-#   tens of MiB. Only the MDS -> indexed data tool (megatron_prolong/tools/mds_to_indexed.py) and the data tests
+#   tens of MiB. Only the MDS -> indexed data tool (tools/mds_to_indexed.py) and the data tests
 #   import it, lazily; training reads megatron indexed datasets and the GPU tests do not need it.
 # * tensorboard (+ grpcio, protobuf, pillow, absl-py, markdown, werkzeug, tensorboard-data-server:
 #   20 MiB): imported only when logging.tensorboard_dir is set.

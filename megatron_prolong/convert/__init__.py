@@ -4,7 +4,7 @@
 * :mod:`.hf_config` - HF ``config.json`` <-> :class:`~megatron_prolong.models.ModelSpec`.
 * :mod:`.token_ids` - which bos / eos / pad ids and generation config an export gets.
 * :mod:`.hf_to_megatron` / :mod:`.megatron_to_hf` - the streaming pipelines behind
-  ``megatron_prolong/tools/convert_checkpoint.py``.
+  ``tools/convert_checkpoint.py``.
 * :mod:`.dist_io` / :mod:`.safetensors_stream` - tensor-at-a-time checkpoint I/O.
 """
 

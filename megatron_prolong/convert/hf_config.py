@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models.registry import ModelSpec
+from ..models.registry import ModelSpec, architecture_differences
 from .token_ids import TOKEN_ID_KEYS, default_token_ids
 
 # megatron-core's RotaryEmbedding._apply_scaling only exposes ``factor``; the rest is fixed.
@@ -81,21 +81,12 @@ def spec_from_hf_config(cfg: dict[str, Any], *, name: str, rotary_base: float | 
     )
 
 
-# Fields that define the weights' shapes or the function computed; a registry check compares these.
-ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                       "num_query_groups", "vocab_size", "rope_scaling", "rope_scaling_factor",
-                       "norm_epsilon")
-
-
 def check_against_registry(spec: ModelSpec, expected: ModelSpec) -> None:
     """Raise if the HF model is not the architecture of the named registry entry."""
-    diffs = [f"{f}: HF config has {getattr(spec, f)!r}, {expected.name} has {getattr(expected, f)!r}"
-             for f in ARCHITECTURE_FIELDS
-             if (getattr(spec, f) != getattr(expected, f)
-                 and not (f == "rope_scaling_factor" and not spec.rope_scaling and not expected.rope_scaling))]
+    diffs = architecture_differences(spec, expected)
     if diffs:
-        raise UnsupportedModelError(f"the HF model does not match --model {expected.name}:\n  - "
-                                    + "\n  - ".join(diffs))
+        raise UnsupportedModelError(f"the HF model does not match --model {expected.name} (HF config vs "
+                                    f"{expected.name}):\n  - " + "\n  - ".join(diffs))
 
 
 def hf_config_from_spec(spec: ModelSpec, *, torch_dtype: str, token_ids: dict[str, Any] | None = None

@@ -24,7 +24,7 @@ class DataConfig:
 
     data_prefix: str | None = None
     """Prefix the mixture's domains hang off: domain ``d`` is read from ``{data_prefix}.{d}``,
-    which is what ``megatron_prolong/tools/mds_to_indexed.py --input <root of domain folders> --output-prefix
+    which is what ``tools/mds_to_indexed.py --input <root of domain folders> --output-prefix
     data_prefix`` writes (one dataset per released folder, e.g. ``{data_prefix}.book-65536``)."""
 
     mock: bool = False
@@ -54,7 +54,7 @@ class DataConfig:
     loss is reported per dataset and overall (see the ``eval`` section of the config)."""
 
     valid_data_prefix: str | None = None
-    """With ``mixture``: validation data laid out like ``data_prefix`` (``megatron_prolong/tools/mds_to_indexed.py
+    """With ``mixture``: validation data laid out like ``data_prefix`` (``tools/mds_to_indexed.py
     --split-by-domain`` run on held-out shards); the mixture's domains are read from
     ``{valid_data_prefix}.{domain}`` with the mixture's weights."""
 
@@ -74,7 +74,7 @@ class DataConfig:
                                  f"{sorted(MIXTURES)} or give an explicit blend")
             if not self.data_prefix:
                 raise ValueError(f"DataConfig.mixture={self.mixture!r} needs data_prefix (the "
-                                 "--output-prefix given to megatron_prolong/tools/mds_to_indexed.py for the data's root folder)")
+                                 "--output-prefix given to tools/mds_to_indexed.py for the data's root folder)")
         if self.blend is not None:
             self.blend_entries()  # validates
         if self.valid_blend is not None and self.valid_data_prefix is not None:

@@ -25,16 +25,6 @@ MASK_DTYPE = np.uint8
 MASK_SUFFIX = "_mask"
 
 
-def quiet_library_warnings() -> None:
-    """Silence import-time chatter of megatron-core / torch on machines without TE, Apex or CUDA
-    (the tools' output should show their own progress and errors)."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-
 class DataError(Exception):
     """Bad input (missing/corrupt file, bad schema, out-of-vocabulary tokens); the message names
     the offending file and says how to fix it. Tools print it and exit non-zero."""
@@ -56,7 +46,7 @@ def check_prefix_exists(prefix: str | os.PathLike, what: str = "dataset") -> Non
         if not path.is_file():
             raise FileNotFoundError(
                 f"{what} prefix {prefix!s}: missing file {path}. Build it with "
-                "megatron_prolong/tools/mds_to_indexed.py or megatron_prolong/tools/tokenize_to_indexed.py, or fix the prefix "
+                "tools/mds_to_indexed.py or tools/tokenize_to_indexed.py, or fix the prefix "
                 "(give the path without .bin/.idx).")
 
 

@@ -1,4 +1,4 @@
-"""ProLong MDS shards -> Megatron indexed datasets (the engine behind ``megatron_prolong/tools/mds_to_indexed.py``).
+"""ProLong MDS shards -> Megatron indexed datasets (the engine behind ``tools/mds_to_indexed.py``).
 
 ProLong's schema (mosaicml-streaming MDS): ``input_ids`` (uint32/int32 ndarray, no BOS/EOS),
 ``length`` (int), ``domain`` (str); packed data adds ``indices`` (start/end pairs of the original

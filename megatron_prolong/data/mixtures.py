@@ -10,7 +10,7 @@ read them (princeton-nlp/ProLong ``train_64K.sh``, ``train_512K.sh``, ``train_sf
   ``book-65536`` (and both code folders) next to the short-data folders;
 * SFT reads ``datasets/prolong-ultrachat-64K``, a clone of ``princeton-nlp/prolong-ultrachat-64K``.
 
-``megatron_prolong/tools/mds_to_indexed.py --input <clone> --output-prefix P`` writes one dataset per folder,
+``tools/mds_to_indexed.py --input <clone> --output-prefix P`` writes one dataset per folder,
 ``P.<folder>``, and :func:`resolve_mixture` reads a mixture from those. (The first versions of
 ``train_512K.sh`` named the long folders ``thestackv1_concat_by_repo2-*`` / ``book2-*``; the script
 was corrected in commit cb37ee6 to the names the HF data uses, which are the names here.)

@@ -1,6 +1,6 @@
 """Text -> token ids -> indexed datasets: tokenizer loading, input readers, parallel encoding.
 
-Shared by ``megatron_prolong/tools/tokenize_to_indexed.py``, ``megatron_prolong/tools/make_sft_data.py`` and ``megatron_prolong/tools/make_demo_data.py``.
+Shared by ``tools/tokenize_to_indexed.py``, ``tools/make_sft_data.py`` and ``tools/make_demo_data.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ evaluation of checkpoints (perplexity by position, needle retrieval) at any TP/P
 
 - ``engine.ForwardScorer``: forward-only scoring through the trainer's schedule, CP split and loss;
 - ``periodic``: the trainer's validation (``eval.interval``, ``data.valid_blend``);
-- ``needle`` / ``haystack`` / ``perplexity``: the long-context tasks; ``runner``: ``megatron_prolong/tools/evaluate.py``;
+- ``needle`` / ``haystack`` / ``perplexity``: the long-context tasks; ``runner``: ``tools/evaluate.py``;
 - ``state.evaluation_mode``: evaluation that leaves the training RNG and modes untouched.
 
 Submodules import megatron-core; this package itself is light.

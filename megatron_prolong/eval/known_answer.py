@@ -59,7 +59,7 @@ def train_known_answer_model(root: str, *, steps: int = 200, seq_length: int = 6
 
 def score_retrieval(checkpoint: str, *, lengths: Sequence[int], num_needles: int = 1, samples_per_cell: int = 16,
                     seed: int = 99, extra: Sequence[str] = ()) -> dict:
-    """``megatron_prolong/tools/evaluate.py``'s retrieval results for ``checkpoint`` (kv task; ``seed`` differs from
+    """``tools/evaluate.py``'s retrieval results for ``checkpoint`` (kv task; ``seed`` differs from
     the training windows', so the cases are new to the model)."""
     from . import runner
 

@@ -1,4 +1,4 @@
-"""What ``megatron_prolong/tools/evaluate.py`` leaves behind: ``results.json``, two PNG plots, a one-screen summary."""
+"""What ``tools/evaluate.py`` leaves behind: ``results.json``, two PNG plots, a one-screen summary."""
 
 from __future__ import annotations
 

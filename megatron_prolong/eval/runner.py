@@ -1,7 +1,7 @@
-"""``megatron_prolong/tools/evaluate.py``: long-context evaluation of a trainer checkpoint with the training model.
+"""``tools/evaluate.py``: long-context evaluation of a trainer checkpoint with the training model.
 
-    python -m megatron_prolong.tools.evaluate --checkpoint CKPT --output OUT                      # one process
-    torchrun --nproc-per-node 8 -m megatron_prolong.tools.evaluate --checkpoint CKPT --output OUT --tp 2 --cp 4
+    python tools/evaluate.py --checkpoint CKPT --output OUT                      # one process
+    torchrun --nproc-per-node 8 tools/evaluate.py --checkpoint CKPT --output OUT --tp 2 --cp 4
 
 The checkpoint is loaded at any TP / PP / CP layout (ranks beyond TP x PP x CP are data parallel
 and split the work); every forward goes through the training path (``engine.ForwardScorer``).
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint_layout import CheckpointError, model_spec_from_meta, read_checkpoint_meta, resolve_checkpoint
-from ..models.registry import ModelSpec, list_models
+from ..models.registry import ModelSpec
 from ..parallel.cp_layout import check_seq_length
 
 TASKS = ("ppl", "needle")
@@ -29,7 +29,7 @@ NEEDLE_TASKS = ("auto", "passkey", "kv")
 MIN_DEFAULT_LENGTH = 64
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEMO = REPO_ROOT / "demo" / "data" / "stdlib_text"
-"""The corpus ``make demo`` builds (``megatron_prolong/tools/make_demo_data.py``): the default text when present."""
+"""The corpus ``make demo`` builds (``tools/make_demo_data.py``): the default text when present."""
 PASSKEY_PROBE = " The pass key is 71432. What is the pass key? 0123456789"
 
 
@@ -180,7 +180,7 @@ def check_request(args: argparse.Namespace) -> Request:
     if world % model_parallel:
         raise UsageError(f"{world} process(es) cannot hold TP x PP x CP = {args.tp} x {args.pp} x {args.cp}; "
                          f"launch a multiple of {model_parallel} "
-                         f"(torchrun --nproc-per-node {model_parallel} -m megatron_prolong.tools.evaluate ...)")
+                         f"(torchrun --nproc-per-node {model_parallel} tools/evaluate.py ...)")
     if args.data is not None:
         for ext in (".bin", ".idx"):
             if not Path(f"{args.data}{ext}").is_file():
@@ -208,8 +208,8 @@ def eval_config(req: Request, world_size: int):
     dp = max(1, world_size // (a.tp * a.pp * a.cp))
     chunk = a.loss_chunk_tokens if a.loss_chunk_tokens is not None else (2048 if req.max_length > 16384 else 0)
     overrides = [
-        f"model.name={spec.name if spec.name in list_models() else 'llama3-8b'}",
-        # YAML's own dump: a float such as 1e-05 must come back as a float, not a string
+        # The checkpoint's model (init_from below) at this iteration's spec. YAML's own dump: a float
+        # such as 1e-05 must come back as a float, not a string.
         f"model.overrides={yaml.safe_dump(fields, default_flow_style=True, width=1 << 30).strip()}",
         f"model.loss_chunk_tokens={chunk}",
         f"parallel.tensor={a.tp}", f"parallel.pipeline={a.pp}", f"parallel.context={a.cp}",
@@ -356,13 +356,9 @@ def evaluate(req: Request) -> dict:
     t0 = time.time()
     inputs = prepare_inputs(req)
 
-    from ..data.indexed import quiet_library_warnings
-    from ..platform import quiet_known_warnings
     from .engine import ForwardScorer
     from .state import evaluation_mode
 
-    quiet_library_warnings()
-    quiet_known_warnings()
     a = req.args
     cfg, run, model = load_model(req)
     scorer = ForwardScorer(model, cfg, run)

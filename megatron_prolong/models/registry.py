@@ -47,6 +47,21 @@ class ModelSpec:
         return self.num_layers * self.params_per_layer() + 2 * self.vocab_size * self.hidden_size + self.hidden_size
 
 
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size")
+"""The fields that set the weights' shapes: a checkpoint's weights load only into these."""
+ARCHITECTURE_FIELDS = SHAPE_FIELDS + ("rope_scaling", "rope_scaling_factor", "norm_epsilon")
+"""The fields that set the function computed (RoPE's base aside, which each ProLong stage raises)."""
+
+
+def architecture_differences(spec: ModelSpec, other: ModelSpec) -> list[str]:
+    """``field (spec's value vs other's)`` for every architecture field where they differ (the
+    scaling factor only where either scales RoPE)."""
+    return [f"{f} ({getattr(spec, f)!r} vs {getattr(other, f)!r})" for f in ARCHITECTURE_FIELDS
+            if getattr(spec, f) != getattr(other, f)
+            and not (f == "rope_scaling_factor" and not spec.rope_scaling and not other.rope_scaling)]
+
+
 _LLAMA3_8B = ModelSpec("llama3-8b", 32, 4096, 14336, 32, 8)
 
 MODELS: dict[str, ModelSpec] = {

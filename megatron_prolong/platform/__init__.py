@@ -6,13 +6,18 @@ unmodified. Nothing here changes the CUDA path.
 
 This package is the only place that asks torch whether CUDA exists or which optional GPU
 packages import; the run record (``training/run.py``) turns the answers into decisions once.
+It imports torch only inside its functions, so the tools can quiet library notices
+(``quiet_known_warnings``) before torch and megatron-core load.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE: str | None = None
 
@@ -22,6 +27,8 @@ class PlatformError(RuntimeError):
 
 
 def cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -59,6 +66,8 @@ def resolve_device(device: str = "auto") -> str:
 
 def init_platform(device: str = "auto") -> str:
     """Select ``"cuda"`` or ``"cpu"`` (``"auto"``: CUDA when available). Idempotent."""
+    import torch
+
     global _DEVICE
     device = resolve_device(device)
     if _DEVICE is not None:
@@ -77,6 +86,8 @@ def init_platform(device: str = "auto") -> str:
 
 def current_device() -> torch.device:
     """The torch device tensors of this rank live on."""
+    import torch
+
     if _DEVICE is None:
         raise RuntimeError("call megatron_prolong.platform.init_platform() first")
     return torch.device("cuda", torch.cuda.current_device()) if _DEVICE == "cuda" else torch.device("cpu")
@@ -105,6 +116,7 @@ def seed_model_parallel_rng(seed: int) -> None:
     import random
 
     import numpy as np
+    import torch
 
     random.seed(seed)
     np.random.seed(seed)
@@ -122,6 +134,7 @@ def seed_model_parallel_rng(seed: int) -> None:
 def rng_states() -> dict:
     """Every generator a training step draws from: torch's CPU one, CUDA's (on CUDA), and
     megatron's model-parallel tracker (dropout, recompute)."""
+    import torch
     from megatron.core import tensor_parallel
 
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if _DEVICE == "cuda" else None,
@@ -130,6 +143,7 @@ def rng_states() -> dict:
 
 def set_rng_states(state: dict) -> None:
     """Inverse of ``rng_states``."""
+    import torch
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
@@ -138,12 +152,30 @@ def set_rng_states(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch.utils.cpp_extension's "No CUDA runtime is found" (printed at import on every
+    machine without a GPU; it concerns building C++ extensions, which nothing here does). Its other
+    records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+_NO_CUDA_RUNTIME_NOTICE = _NoCudaRuntimeNotice()
+
+
 def quiet_known_warnings() -> None:
-    """Silence the warnings megatron-core and torch print on every rank about things this project
-    handles on purpose (absent apex/TE, deprecated internals used by dist_checkpointing)."""
+    """Silence the notices megatron-core and torch print (on every rank, at import) about things
+    this project handles on purpose: absent apex/TE (the run record decides TE and prints what
+    runs), torch's C++-extension CUDA_HOME guess on a machine without a GPU, deprecated torch
+    internals megatron-core calls. Each is matched by its message; everything else still shows.
+    Light (imports neither torch nor megatron-core): call it before they load, as every tool's
+    entry (``megatron_prolong/tools/__init__.py``) and ``pretrain_prolong.py`` do."""
     import warnings
 
     for message in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
                     r"Please use DTensor instead", r"`load_state_dict` is deprecated",
-                    r"full scope is deprecated", r"torch.distributed.*_coalescing_manager"):
+                    r"full scope is deprecated", r"torch.distributed.*_coalescing_manager",
+                    r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"):
         warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NO_CUDA_RUNTIME_NOTICE)

@@ -1,8 +1,8 @@
 """What a checkpoint directory holds, and whether an iteration of it is readable.
 
-    python -m megatron_prolong.tools.checkpoint_info runs/stage1                 # iterations, leftovers, latest's config
-    python -m megatron_prolong.tools.checkpoint_info runs/stage1 --verify        # ... and read every tensor of latest
-    python -m megatron_prolong.tools.checkpoint_info runs/stage1 -i 2000 --verify --json
+    python tools/checkpoint_info.py runs/stage1                 # iterations, leftovers, latest's config
+    python tools/checkpoint_info.py runs/stage1 --verify        # ... and read every tensor of latest
+    python tools/checkpoint_info.py runs/stage1 -i 2000 --verify --json
 
 Lists the complete iterations (with samples / tokens consumed and save time), leftovers of
 interrupted saves (``.iter_N.partial``), where ``latest_checkpointed_iteration.txt`` points, and

@@ -1,8 +1,8 @@
 """Convert Llama checkpoints between Hugging Face safetensors and megatron-prolong (megatron-core
 dist checkpoints). Single process, CPU only, streamed: memory holds about one layer.
 
-  python -m megatron_prolong.tools.convert_checkpoint hf-to-megatron --input HF_DIR --output MEG_DIR [--rope-theta X] [--model NAME]
-  python -m megatron_prolong.tools.convert_checkpoint megatron-to-hf --input MEG_DIR --output HF_DIR [--iteration N]
+  python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output MEG_DIR [--rope-theta X] [--model NAME]
+  python tools/convert_checkpoint.py megatron-to-hf --input MEG_DIR --output HF_DIR [--iteration N]
                                                     [--tokenizer DIR] [--dtype bf16|fp32]
 
 See docs/convert.md.

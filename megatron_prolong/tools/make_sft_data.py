@@ -16,7 +16,7 @@ Train on it with ``DataConfig(blend={PREFIX: 1.0}, sft=True)``.
 
 Example:
 
-    python -m megatron_prolong.tools.make_sft_data --input ultrachat.jsonl --output-prefix data/ultrachat --workers 4
+    python tools/make_sft_data.py --input ultrachat.jsonl --output-prefix data/ultrachat --workers 4
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import argparse
 import sys
 
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
-                                           quiet_library_warnings)
+from megatron_prolong.data.indexed import LLAMA3_VOCAB_SIZE, DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_library_warnings()
     from megatron_prolong.data.chat import ChatEncoder, load_chat_template
     from megatron_prolong.data.tokenize import (TextTokenizer, encode_to_indexed, iter_records,
                                                 llama3_tokenizer_dir)

@@ -23,9 +23,9 @@ Outputs (written under temporary names, renamed only on success):
 
 Examples:
 
-    python -m megatron_prolong.tools.mds_to_indexed --input datasets/long-context-65536 \\
+    python tools/mds_to_indexed.py --input datasets/long-context-65536 \\
         --output-prefix data/prolong/long-context-65536 --mixture prolong-64k --workers 8
-    python -m megatron_prolong.tools.mds_to_indexed --input datasets/long-context-524288/book-524288 --output-prefix out/books
+    python tools/mds_to_indexed.py --input datasets/long-context-524288/book-524288 --output-prefix out/books
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import argparse
 import sys
 
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
-                                           quiet_library_warnings)
+from megatron_prolong.data.indexed import LLAMA3_VOCAB_SIZE, DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_library_warnings()
     from megatron_prolong.data.mds import ConvertOptions, convert_mds
     from megatron_prolong.data.mixtures import MIXTURES
 

@@ -1,7 +1,7 @@
 """Predict per-GPU memory of a long-context training layout and suggest layouts that fit.
 
-    python -m megatron_prolong.tools.plan_memory --model llama3-8b --seq-length 524288 --tp 1 --pp 1 --cp 8 --dp 1
-    python -m megatron_prolong.tools.plan_memory --model llama3-8b --seq-length 524288 --gpus 8 --gpu-memory 80
+    python tools/plan_memory.py --model llama3-8b --seq-length 524288 --tp 1 --pp 1 --cp 8 --dp 1
+    python tools/plan_memory.py --model llama3-8b --seq-length 524288 --gpus 8 --gpu-memory 80
 
 Formulas: megatron_prolong/memory_plan.py and docs/long_context.md. "act" holds the resident
 activations plus one layer's transient ones; the peak adds the larger of the loss head and that

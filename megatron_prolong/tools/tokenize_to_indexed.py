@@ -12,7 +12,7 @@ success.
 
 Example:
 
-    python -m megatron_prolong.tools.tokenize_to_indexed --input corpus/*.jsonl --output-prefix data/corpus \\
+    python tools/tokenize_to_indexed.py --input corpus/*.jsonl --output-prefix data/corpus \\
         --tokenizer path/to/Meta-Llama-3-8B/tokenizer.json --workers 8
 """
 
@@ -22,8 +22,7 @@ import argparse
 import sys
 
 
-from megatron_prolong.data.indexed import (LLAMA3_VOCAB_SIZE, DataError,
-                                           quiet_library_warnings)
+from megatron_prolong.data.indexed import LLAMA3_VOCAB_SIZE, DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_library_warnings()
     from megatron_prolong.data.tokenize import (TextEncoder, TextTokenizer, encode_to_indexed,
                                                 iter_records, llama3_tokenizer_dir)
 

@@ -292,7 +292,7 @@ def _damaged_advice(ckpt: Path) -> str:
     root = ckpt.parent
     others = [i for i in list_iterations(root) if iteration_dir(root, i) != ckpt]
     earlier = f"complete iterations there: {others}" if others else "there is no other complete iteration"
-    return (f"Inspect it with `python -m megatron_prolong.tools.checkpoint_info {root} --verify`; to resume from an earlier "
+    return (f"Inspect it with `python tools/checkpoint_info.py {root} --verify`; to resume from an earlier "
             f"iteration write its number into {root / LATEST_FILE} ({earlier})")
 
 

@@ -9,7 +9,7 @@ plus ``common.pt`` and megatron's ``metadata.json``. Two levels of checking:
   rank before each load, so a damaged checkpoint fails on all ranks at once, naming the file.
 - ``verify``: reads every record, one at a time, and checks that each tensor chunk loads with its
   recorded shape and dtype and holds only finite values; objects must at least be present.
-  What ``megatron_prolong/tools/checkpoint_info.py --verify`` reports. Corruption that leaves finite values
+  What ``tools/checkpoint_info.py --verify`` reports. Corruption that leaves finite values
   (a flipped mantissa bit) is not detectable: the format stores no checksums.
 """
 

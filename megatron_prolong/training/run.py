@@ -11,6 +11,7 @@ tests call it with any machine facts they want to simulate.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -20,13 +21,8 @@ import torch
 from .. import checkpoint_layout as layout
 from .. import platform
 from ..config import Config, ConfigError
-from ..models.registry import ModelSpec
+from ..models.registry import SHAPE_FIELDS, ModelSpec, architecture_differences, get_model_spec
 from ..parallel.cp_layout import default_cp_comm_type
-
-# Fields that define the network's shapes: a checkpoint and the recipe must agree on them.
-ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-               "num_query_groups", "vocab_size")
-
 
 @dataclass(frozen=True)
 class Decisions:
@@ -76,6 +72,31 @@ def decide(cfg: Config, *, device: str, te_version: Optional[tuple[int, int]],
 
 
 @dataclass(frozen=True)
+class SpecOrigin:
+    """Where each field of the run's model spec came from; printed at start-up."""
+
+    base: str
+    """``registry <name>`` or ``checkpoint <folder>``: where every field not set by the recipe comes from."""
+    fields: dict
+    """ModelSpec field -> ``base``, or the recipe key that set it (``model.rotary_base``,
+    ``model.overrides``, ``train.seq_length``)."""
+    note: str = ""
+    """What the recipe asked for and was not used (a ``model.name`` the checkpoint contradicts)."""
+
+    def lines(self, spec: ModelSpec) -> list[str]:
+        def value(f):
+            v = getattr(spec, f)
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        base = [f"{f} {value(f)}" for f, o in self.fields.items() if o == self.base]
+        recipe = [f"{f} {value(f)} ({o})" for f, o in self.fields.items() if o != self.base]
+        line = f"model {spec.name}: from {self.base}: {', '.join(base)}"
+        if recipe:
+            line += f"; from the recipe: {', '.join(recipe)}"
+        return [line] + ([self.note] if self.note else [])
+
+
+@dataclass(frozen=True)
 class Run:
     """One process's resolved run: decisions, model spec, parallel coordinates."""
 
@@ -83,8 +104,8 @@ class Run:
     device: torch.device
     spec: ModelSpec
     """The model as built: registry or checkpoint spec, recipe overrides, trained context length."""
-    spec_source: str
-    """Where the spec came from: the registry, ``init_from`` or the resumed ``save_dir``."""
+    spec_origin: SpecOrigin
+    """Where each field of ``spec`` came from."""
     world_size: int
     tp_rank: int
     pp_rank: int
@@ -121,32 +142,59 @@ class Run:
         return self.device.type == "cuda"
 
 
-def resolve_model_spec(cfg: Config) -> tuple[ModelSpec, str]:
-    """The registry spec, or the one stored with the checkpoint the run starts from (the resumed
-    ``save_dir`` first, else ``init_from``), with the recipe's RoPE base and overrides on top (each
-    ProLong stage sets its theta), and the trained context length recorded."""
-    spec = cfg.model.spec()
-    source = None
-    if cfg.checkpoint.save_dir and layout.latest_iteration(cfg.checkpoint.save_dir) is not None:
-        source = cfg.checkpoint.save_dir
-    elif cfg.checkpoint.init_from:
-        source = cfg.checkpoint.init_from
-    if source is not None:
-        stored = layout.model_spec_from_meta(layout.read_checkpoint_meta(source), where=source)
-        mismatch = [f for f in ARCH_FIELDS if getattr(stored, f) != getattr(spec, f)]
-        if mismatch:
-            raise ConfigError(
-                f"checkpoint {source} holds a {stored.name} model that differs from model.name={cfg.model.name} "
-                f"in {mismatch}; set model.name to the checkpoint's architecture")
-        overrides = dict(cfg.model.overrides)
-        if cfg.model.rotary_base is not None:
-            overrides["rotary_base"] = float(cfg.model.rotary_base)
-        spec = stored.replace(**overrides)
+def spec_checkpoint(cfg: Config) -> Optional[str]:
+    """The checkpoint whose stored model spec the run builds: the ``save_dir`` it resumes, else
+    ``init_from``; None: the registry's ``model.name``."""
+    c = cfg.checkpoint
+    if c.save_dir and layout.latest_iteration(c.save_dir) is not None:
+        return c.save_dir
+    return c.init_from
+
+
+def resolve_model_spec(cfg: Config) -> tuple[ModelSpec, SpecOrigin]:
+    """The spec stored with the checkpoint the run starts from (any Llama architecture), else the
+    registry's ``model.name``; the recipe's RoPE base and overrides on top (each ProLong stage sets
+    its theta), and the trained context length recorded."""
+    m = cfg.model
+    overrides = m.recipe_overrides()
+    source = spec_checkpoint(cfg)
+    note = ""
+    if source is None:
+        base, label = get_model_spec(m.registry_name), f"registry {m.registry_name}"
+        if m.name is None:
+            label += " (model.name unset)"
+    else:
+        base, label = layout.model_spec_from_meta(layout.read_checkpoint_meta(source), where=source), \
+            f"checkpoint {source}"
+        note = _check_against_checkpoint(cfg, base, source, overrides)
+    spec = base.replace(**overrides)
+    origin = {f.name: label for f in dataclasses.fields(ModelSpec) if f.name != "name"}
+    origin.update({f: "model.rotary_base" if f == "rotary_base" and m.rotary_base is not None else "model.overrides"
+                   for f in overrides})
     # The saved spec records the longest context trained on (a 512K model's exported config then
     # says 524288, not Llama-3's 8192). RoPE itself does not depend on it.
     if cfg.train.seq_length > spec.max_position_embeddings:
         spec = spec.replace(max_position_embeddings=cfg.train.seq_length)
-    return spec, source or "registry"
+        origin["max_position_embeddings"] = "train.seq_length"
+    cfg.check_model_layout(spec, f" (from checkpoint {source})" if source else "")
+    return spec, SpecOrigin(base=label, fields=origin, note=note)
+
+
+def _check_against_checkpoint(cfg: Config, stored: ModelSpec, source: str, overrides: dict) -> str:
+    """Refuse overrides that would change the stored weights' shapes; return the note for a
+    ``model.name`` that names another architecture (empty when there is none)."""
+    reshaped = [f"{f}={v!r} (the checkpoint has {getattr(stored, f)!r})" for f, v in overrides.items()
+                if f in SHAPE_FIELDS and v != getattr(stored, f)]
+    if reshaped:
+        raise ConfigError(f"model.overrides sets {', '.join(reshaped)}, but checkpoint {source}'s weights load "
+                          "only at their own shapes; remove these overrides (the checkpoint's architecture "
+                          "is built without them)")
+    name = cfg.model.name
+    differs = architecture_differences(stored, get_model_spec(name)) if name is not None else []
+    if not differs:
+        return ""
+    return (f"model.name={name} is not used: checkpoint {source} holds another architecture "
+            f"(checkpoint vs {name}: {', '.join(differs)}), which is built")
 
 
 def validate_decisions(cfg: Config, decisions: Decisions, spec: ModelSpec) -> None:
@@ -194,14 +242,14 @@ def resolve_run(cfg: Config) -> Run:
     cfg.check_world(world_size)  # before any process group exists
     decisions = decide_for_machine(cfg)
     device_type = decisions.device_type
-    spec, source = resolve_model_spec(cfg)
+    spec, origin = resolve_model_spec(cfg)
     validate_decisions(cfg, decisions, spec)
     p = cfg.parallel
     parallel.initialize(p.tensor, p.pipeline, p.context, device=device_type, seed=cfg.train.seed,
                         timeout_minutes=cfg.train.collective_timeout_minutes,
                         hierarchical_cp_sizes=p.hierarchical_cp_sizes if decisions.use_te else None)
     return Run(
-        decisions=decisions, device=platform.current_device(), spec=spec, spec_source=source,
+        decisions=decisions, device=platform.current_device(), spec=spec, spec_origin=origin,
         world_size=world_size,
         tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
         cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),

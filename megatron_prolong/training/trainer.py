@@ -150,6 +150,8 @@ def _log_start(log: ProgressLogger, cfg: Config, run: Run, restored: Restored) -
     p, t, d, spec = cfg.parallel, cfg.train, run.decisions, run.spec
     if restored.describe():
         log.info(restored.describe())
+    for line in run.spec_origin.lines(spec):
+        log.info(line)
     log.info(f"model {spec.name}: {spec.num_parameters() / 1e6:.1f}M parameters, rotary base {spec.rotary_base:g} | "
              f"TP {p.tensor} PP {p.pipeline} CP {p.context} DP {run.dp_size} | global batch {t.global_batch_size} "
              f"x {t.seq_length} tokens | {t.steps} steps | device {run.device.type}, "

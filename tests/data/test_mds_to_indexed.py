@@ -1,4 +1,4 @@
-"""megatron_prolong/tools/mds_to_indexed.py: exact round trip of ProLong MDS shards, masks, filters, bad inputs."""
+"""tools/mds_to_indexed.py: exact round trip of ProLong MDS shards, masks, filters, bad inputs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from megatron_prolong.data.indexed import TokenStore
 from megatron_prolong.tools import mds_to_indexed
 from tests.data._fixtures import outputs_like, random_docs, write_packed_mds
+from tests.tool_env import tool_env
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,9 +163,9 @@ def test_empty_domain(tmp_path, capsys):
 
 def test_cli_exit_code(tmp_path):
     """The tool as a process: non-zero exit and a one-line error, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "megatron_prolong.tools.mds_to_indexed", "--input",
+    proc = subprocess.run([sys.executable, "tools/mds_to_indexed.py", "--input",
                            str(tmp_path / "missing"), "--output-prefix", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO, env=tool_env(), timeout=120)
     assert proc.returncode == 1
     assert "missing" in proc.stderr and "Traceback" not in proc.stderr
 

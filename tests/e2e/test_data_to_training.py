@@ -11,12 +11,13 @@ import pytest
 
 from tests.data._fixtures import random_docs, write_packed_mds
 from tests.e2e.test_cli import ROOT, _run
+from tests.tool_env import tool_env
 
 pytestmark = pytest.mark.distributed
 
 
 def _tool(*args):
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -30,7 +31,7 @@ def test_prolong_mds_shards_to_a_blended_length_sorted_run(tmp_path):
     # Two ProLong domains, packed MDS samples with `indices`, vocab of the debug model.
     write_packed_mds(tmp_path / "mds", {"book-65536": random_docs(rng, 60, 20, 400, vocab=512),
                                         "fineweb-edu": random_docs(rng, 120, 5, 80, vocab=512)})
-    _tool("-m", "megatron_prolong.tools.mds_to_indexed", "--input", str(tmp_path / "mds"), "--output-prefix",
+    _tool("tools/mds_to_indexed.py", "--input", str(tmp_path / "mds"), "--output-prefix",
           str(tmp_path / "idx" / "prolong"), "--split-by-domain", "--vocab-size", "512", "--quiet")
     blend = json.dumps({str(tmp_path / "idx" / "prolong.book-65536"): 0.6,
                         str(tmp_path / "idx" / "prolong.fineweb-edu"): 0.4})
@@ -49,7 +50,7 @@ def test_chat_jsonl_to_an_sft_run_with_the_real_tokenizer(tmp_path):
             f.write(json.dumps({"messages": [
                 {"role": "user", "content": f"What is {i} plus {i}?"},
                 {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n")
-    _tool("-m", "megatron_prolong.tools.make_sft_data", "--input", str(chats), "--output-prefix", str(tmp_path / "sft" / "chat"),
+    _tool("tools/make_sft_data.py", "--input", str(chats), "--output-prefix", str(tmp_path / "sft" / "chat"),
           "--quiet")
     out = _run(["--config", "examples/tiny_cpu.yaml", "model.name=llama3-tiny", "data.mock=false",
                 f"data.blend=[{tmp_path / 'sft' / 'chat'}]", "data.sft=true", "train.steps=3",

@@ -10,7 +10,7 @@
   tears the survivor down): the survivor fails with a clear error, at once when the peer's
   connection drops, after ``train.collective_timeout_minutes`` when the peer hangs;
 - a damaged tensor file in the latest checkpoint: the relaunch fails naming the file, and
-  ``megatron_prolong/tools/checkpoint_info.py --verify`` reports it.
+  ``tools/checkpoint_info.py --verify`` reports it.
 
 Faults are placed with ``PROLONG_FAULTS`` (``megatron_prolong/training/faults.py``).
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist import free_port
+from tests.tool_env import tool_env
 
 pytestmark = pytest.mark.distributed
 
@@ -42,7 +43,7 @@ def _env(faults: str | None = None) -> dict:
     env.pop("PROLONG_FAULTS", None)
     if faults:
         env["PROLONG_FAULTS"] = faults
-    return env
+    return tool_env(env)
 
 
 def _torchrun(nproc: int, port: int, *extra: str) -> list[str]:
@@ -194,7 +195,7 @@ def test_the_diverging_run_from_the_issue_stops_naming_the_steps_and_saves_no_na
     # before the first save is due, and that save is deferred).
     saved = sorted(p.name for p in tmp_path.glob("iter_*"))
     for name in saved:
-        check = subprocess.run([sys.executable, "-m", "megatron_prolong.tools.checkpoint_info", str(tmp_path), "-i", name[5:], "--verify"],
+        check = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(tmp_path), "-i", name[5:], "--verify"],
                                cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
         assert check.returncode == 0, check.stdout
     if first_bad <= 4:
@@ -250,7 +251,7 @@ def test_a_damaged_tensor_file_is_named_by_the_trainer_and_by_checkpoint_info(tm
     frames = [t for t in out.stderr.splitlines() if t.strip().startswith('File "')]
     assert not [f for f in frames if "megatron_prolong" in f or "pretrain_prolong.py" in f], frames
 
-    info = subprocess.run([sys.executable, "-m", "megatron_prolong.tools.checkpoint_info", str(tmp_path), "--verify"], cwd=ROOT,
+    info = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(tmp_path), "--verify"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert info.returncode == 1
     assert "verify: DAMAGED" in info.stdout

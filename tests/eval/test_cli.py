@@ -1,4 +1,4 @@
-"""``megatron_prolong/tools/evaluate.py`` as users run it: a plain process and torchrun; files, summary, errors."""
+"""``tools/evaluate.py`` as users run it: a plain process and torchrun; files, summary, errors."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist import free_port, run_distributed
+from tests.tool_env import tool_env
 
 from ._helpers import write_initial_checkpoint
 
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _evaluate(args, nproc=0, timeout=600):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                  "--master-port", str(free_port())] if nproc else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(launcher + ["-m", "megatron_prolong.tools.evaluate", *map(str, args)], cwd=ROOT, env=env,
+    env = tool_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(launcher + ["tools/evaluate.py", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

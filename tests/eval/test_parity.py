@@ -1,4 +1,4 @@
-"""``megatron_prolong/tools/evaluate.py`` scores with the training path: its loss on a sample equals the loss the
+"""``tools/evaluate.py`` scores with the training path: its loss on a sample equals the loss the
 trainer reports for that sample (same weights) at CP=1 and CP=2, and its position buckets and
 retrieval scores do not depend on the layout (CP=2, TP=2, PP=2 equal one rank)."""
 

@@ -8,6 +8,7 @@ import torch
 
 from megatron_prolong import platform
 from megatron_prolong.config import ConfigError, load_config
+from megatron_prolong.models.registry import ModelSpec
 from megatron_prolong.training import run as run_mod
 
 BASE = ["data.mock=true", "train.global_batch_size=8", "model.name=llama3-debug"]
@@ -109,7 +110,8 @@ def test_pad_token_outside_the_vocabulary_is_a_config_error():
 
 
 def _fake_run(cfg, decisions):
-    return run_mod.Run(decisions=decisions, device=torch.device("cpu"), spec=cfg.model.spec(), spec_source="registry",
+    return run_mod.Run(decisions=decisions, device=torch.device("cpu"), spec=cfg.model.spec(),
+                       spec_origin=run_mod.SpecOrigin(base="registry", fields={}),
                        world_size=1, tp_rank=0, pp_rank=0, cp_rank=0, dp_rank=0, dp_size=1,
                        is_first_stage=True, is_last_stage=True)
 
@@ -120,3 +122,81 @@ def test_gpu_only_attention_kernel_on_cpu_is_a_config_error():
     assert d.attention_backend == "flex"
     with pytest.raises(ConfigError, match="attention_backend=flex needs a CUDA GPU"):
         run_mod.validate_decisions(cfg, d, cfg.model.spec())
+
+
+# ------------------------------------------------------------------ the model spec and its origin
+
+# A converted checkpoint of an architecture that is in no registry entry (only its metadata is read).
+STORED = ModelSpec("my-llama", num_layers=3, hidden_size=48, ffn_hidden_size=112, num_attention_heads=6,
+                   num_query_groups=3, vocab_size=320, rotary_base=20000.0)
+
+
+@pytest.fixture
+def converted(tmp_path):
+    from megatron_prolong import checkpoint_layout as layout
+
+    folder = layout.iteration_dir(tmp_path / "init", 0)
+    folder.mkdir(parents=True)
+    layout.write_checkpoint_meta(folder, {"model_spec": layout.encode_model_spec(STORED)})
+    (tmp_path / "init" / layout.LATEST_FILE).write_text("0\n")
+    return tmp_path / "init"
+
+
+def _resolve(overrides):
+    return run_mod.resolve_model_spec(load_config(None, ["data.mock=true", "train.global_batch_size=8"] + overrides))
+
+
+def test_init_from_builds_the_checkpoints_architecture_with_no_model_settings(converted):
+    spec, origin = _resolve([f"checkpoint.init_from={converted}"])
+    assert spec == STORED
+    assert set(origin.fields.values()) == {f"checkpoint {converted}"} and not origin.note
+    assert origin.lines(spec) == [
+        f"model my-llama: from checkpoint {converted}: num_layers 3, hidden_size 48, ffn_hidden_size 112, "
+        "num_attention_heads 6, num_query_groups 3, vocab_size 320, rotary_base 20000, rope_scaling False, "
+        "rope_scaling_factor 8, max_position_embeddings 8192, norm_epsilon 1e-05, init_method_std 0.02"]
+
+
+def test_the_recipes_rope_base_and_length_go_on_top_of_the_checkpoint(converted):
+    spec, origin = _resolve([f"checkpoint.init_from={converted}", "model.rotary_base=8e6",
+                             "train.seq_length=16384"])
+    assert spec == STORED.replace(rotary_base=8e6, max_position_embeddings=16384)
+    assert origin.fields["rotary_base"] == "model.rotary_base"
+    assert origin.fields["max_position_embeddings"] == "train.seq_length"
+    assert origin.fields["num_layers"] == f"checkpoint {converted}"
+    assert origin.lines(spec)[0].endswith("; from the recipe: rotary_base 8e+06 (model.rotary_base), "
+                                          "max_position_embeddings 16384 (train.seq_length)")
+
+
+def test_a_model_name_the_checkpoint_contradicts_is_reported_not_used(converted):
+    # A ProLong recipe names llama3-8b; the user points init_from at another converted model.
+    spec, origin = _resolve([f"checkpoint.init_from={converted}", "model.name=llama3-8b"])
+    assert spec == STORED
+    assert origin.note.startswith(f"model.name=llama3-8b is not used: checkpoint {converted} holds another "
+                                  "architecture (checkpoint vs llama3-8b: num_layers (3 vs 32), hidden_size (48 vs 4096)")
+    assert origin.lines(spec)[1] == origin.note
+
+
+def test_a_resumed_save_dir_gives_the_spec_without_init_from(converted):
+    spec, origin = _resolve([f"checkpoint.save_dir={converted}", "parallel.tensor=3"])
+    assert spec == STORED and origin.base == f"checkpoint {converted}"
+
+
+def test_no_checkpoint_builds_the_registry_model():
+    spec, origin = _resolve(["model.rotary_base=8e6"])
+    assert spec.name == "llama3-debug" and spec.rotary_base == 8e6
+    assert origin.base == "registry llama3-debug (model.name unset)"
+    assert origin.fields["rotary_base"] == "model.rotary_base" and origin.fields["num_layers"] == origin.base
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # The checkpoint's 3 KV heads, not the default registry model's 2: checked once the spec is known.
+    (["parallel.tensor=2"], r"parallel.tensor=2 must divide the 6 attention heads and 3 KV heads of my-llama "
+                            r"\(from checkpoint "),
+    (["parallel.pipeline=2"], r"parallel.pipeline=2 must divide the 3 layers of my-llama \(from checkpoint "),
+    (["model.overrides={num_layers: 2, norm_epsilon: 1.0e-6}"],
+     r"model.overrides sets num_layers=2 \(the checkpoint has 3\), but checkpoint .*'s weights load only at "
+     "their own shapes"),
+])
+def test_checkpoint_model_mistakes_are_config_errors(converted, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _resolve([f"checkpoint.init_from={converted}"] + overrides)
