@@ -28,12 +28,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
+from .cp_balance import balanced_order
 from .cp_layout import (CP_COMM_TYPES, PORTABLE_CP_COMM_TYPES, TE_THD_CP_SUPPORT, check_seq_length,
-                        split_zigzag, zigzag_positions)
+                        zigzag_positions)
 
-__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "prepare_batch", "split_zigzag", "thd_pack",
+__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "prepare_batch", "thd_pack",
            "thd_partition_indices", "validate_cp_config"]
 
 
@@ -238,16 +240,37 @@ def prepare_batch(batch: dict[str, torch.Tensor], *, cp_size: int = 1, cp_rank: 
     if cp_size > 1 and s % (2 * cp_size):
         raise ValueError(f"sequence length {s} must be divisible by 2 x context_parallel_size = {2 * cp_size}")
     doc_ids = batch.get("doc_ids")
-    positions = zigzag_positions(s, cp_size, cp_rank, device=tokens.device) if cp_size > 1 else \
-        torch.arange(s, device=tokens.device)
+    layout = doc_ids
+    if cp_size == 1:
+        index = torch.arange(s, device=tokens.device).expand(b, -1)
+    elif doc_ids is None:  # one document per sample: the balanced split is megatron's zigzag
+        index = zigzag_positions(s, cp_size, cp_rank, device=tokens.device).expand(b, -1)
+    else:
+        order = balanced_orders(doc_ids, cp_size)
+        local = s // cp_size
+        index = order[:, cp_rank * local:(cp_rank + 1) * local]
+        layout = torch.stack([doc_ids.to(order.dtype), order])
     return {
-        "tokens": split_zigzag(tokens, cp_size, cp_rank),
-        "labels": split_zigzag(batch["labels"], cp_size, cp_rank),
-        "loss_mask": split_zigzag(batch["loss_mask"], cp_size, cp_rank),
-        "position_ids": positions.unsqueeze(0).expand(b, -1),
-        "attention_mask": doc_ids,
+        "tokens": tokens.gather(1, index),
+        "labels": batch["labels"].gather(1, index),
+        "loss_mask": batch["loss_mask"].gather(1, index),
+        "position_ids": index,
+        "attention_mask": layout,
         "packed_seq_params": None,
     }
+
+
+def balanced_orders(doc_ids: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """``[B, S]`` long, on ``doc_ids``' device: each sample's ``cp_balance.balanced_order`` (decided
+    on the host from the document lengths: one device-to-host copy of the boundaries)."""
+    b, s = doc_ids.shape
+    rows, cols = torch.nonzero(doc_ids[:, 1:] != doc_ids[:, :-1], as_tuple=True)
+    rows, cols = rows.cpu().numpy(), cols.cpu().numpy() + 1
+    orders = []
+    for i in range(b):
+        bounds = np.concatenate([[0], cols[rows == i], [s]])
+        orders.append(balanced_order(np.diff(bounds), cp_size))
+    return torch.from_numpy(np.stack(orders)).to(doc_ids.device)
 
 
 def _prepare_thd(batch, *, cp_size, cp_rank, total_multiple, cp_group):

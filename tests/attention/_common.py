@@ -153,11 +153,12 @@ def run_model(model, batch, cp, cp_rank):
     return losses.detach()
 
 
-def gather_cp_losses(local: torch.Tensor, cp: int, seq: int) -> torch.Tensor:
-    """Per-token losses of the full sequence in global order, from every CP rank's local ones."""
+def gather_cp_losses(local: torch.Tensor, cp: int, seq: int, batch: dict) -> torch.Tensor:
+    """Per-token losses of the full sequence in global order, from every CP rank's local ones
+    (placed by the positions ``prepare_batch`` gives each rank for ``batch``)."""
     from megatron.core import parallel_state
 
-    from megatron_prolong.attention.portable import zigzag_positions
+    from megatron_prolong.parallel.context_parallel import prepare_batch
 
     if cp == 1:
         return local
@@ -165,7 +166,7 @@ def gather_cp_losses(local: torch.Tensor, cp: int, seq: int) -> torch.Tensor:
     dist.all_gather(parts, local.contiguous(), group=parallel_state.get_context_parallel_group())
     full = torch.empty(local.shape[0], seq, dtype=local.dtype)
     for r, part in enumerate(parts):
-        full[:, zigzag_positions(seq, cp, r)] = part
+        full.scatter_(1, prepare_batch(batch, cp_size=cp, cp_rank=r)["position_ids"], part)
     return full
 
 
