@@ -266,11 +266,11 @@ def balanced_orders(doc_ids: torch.Tensor, cp_size: int) -> torch.Tensor:
     b, s = doc_ids.shape
     rows, cols = torch.nonzero(doc_ids[:, 1:] != doc_ids[:, :-1], as_tuple=True)
     rows, cols = rows.cpu().numpy(), cols.cpu().numpy() + 1
-    orders = []
-    for i in range(b):
-        bounds = np.concatenate([[0], cols[rows == i], [s]])
-        orders.append(balanced_order(np.diff(bounds), cp_size))
-    return torch.from_numpy(np.stack(orders)).to(doc_ids.device)
+    per_sample = np.split(cols, np.searchsorted(rows, np.arange(1, b)))  # nonzero is row-major
+    orders = np.empty((b, s), dtype=np.int64)
+    for i, inner in enumerate(per_sample):
+        orders[i] = balanced_order(np.diff(np.concatenate([[0], inner, [s]])), cp_size)
+    return torch.from_numpy(orders).to(doc_ids.device)
 
 
 def _prepare_thd(batch, *, cp_size, cp_rank, total_multiple, cp_group):

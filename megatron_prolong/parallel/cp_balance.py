@@ -4,22 +4,26 @@ With document masking a query attends the earlier tokens of its own document onl
 is its offset in the document + 1, and a document of ``n`` tokens costs ``n (n + 1) / 2`` pairs.
 megatron's whole-sequence zigzag (``cp_layout.zigzag_positions``) balances plain causal attention,
 not that: the ranks holding the late part of a long document do up to 2.6x the mean work on
-ProLong's samples (``benchmarks/bench_cp_balance.py``). ``balanced_order`` instead
+ProLong's samples (``benchmarks/bench_cp_balance.py``). ``balanced_order`` splits each document
+on its own, over as few ranks as balance allows:
 
-- splits every *long* document on its own into ``2*CP`` chunks, rank ``r`` keeping chunks ``r``
-  and ``2*CP-1-r`` (TE's THD split, without its padding: the remainder tokens of each document
-  go to the chunks round-robin across documents, so every rank ends with exactly ``S / CP``
-  tokens);
-- keeps every *short* document whole (contiguous: full 128-token kernel tiles instead of
-  ``2*CP`` slivers) and gives it to the least-loaded rank that has room, largest first. A
-  document is short when its work is at most ``whole_fraction`` of a rank's mean work, so the
-  greedy placement leaves the busiest rank at most that fraction above the mean (the classic
-  bound: a rank is only ever given work while it is the least loaded). A short document that
-  fits whole nowhere (rank capacities are exact) is cut into pieces for the ranks with room.
+- a document spread over ``g`` ranks is cut into ``2g`` chunks and the i-th of its ranks keeps
+  chunks ``i`` and ``2g-1-i`` (a zigzag within the document: every one of them gets the same
+  work). ``g`` is the fewest ranks that keep the document's work on each at most ``rank_share``
+  of a rank's mean work (default 2%); short documents (``g = 1``) stay whole. Fewer, longer
+  pieces fill the kernels' 128-token tiles: a 1K document cut into ``2*CP = 32`` slivers of 32
+  tokens runs far below one.
+- documents spread over every rank (``g = CP``: TE's THD split, without its padding) come first;
+  their ``n mod 2CP`` extra tokens go to the chunks round-robin across documents, so the ranks'
+  token counts differ by at most 2. Then the others, widest and largest first, each on the
+  least-loaded ranks with room (rank capacities are exact: ``S / CP`` tokens): at most a
+  ``rank_share`` of the mean lands on a rank that is among the least loaded, which bounds the
+  busiest rank near ``1 + rank_share`` times the mean (measured <= 1.02 on ProLong-like mixes).
+  A document that finds too few ranks with room is cut, from its start, over those that have.
 
-A single document filling the sample is split exactly as megatron's zigzag. The result is a
+One document filling the sample is split exactly as megatron's zigzag. The result is a
 permutation ``order`` of the sample's positions: rank ``r`` holds ``order[r*S/CP:(r+1)*S/CP]``,
-ascending. Plain numpy on the host: the layout is decided from document lengths only.
+ascending. Plain numpy on the host: the layout is decided from the document lengths only.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-WHOLE_FRACTION = 0.02
-"""Default ``whole_fraction``: documents of at most this share of a rank's mean attention work
-stay whole (chosen with ``benchmarks/bench_cp_balance.py``; 0 splits every document)."""
+RANK_SHARE = 0.02
+"""Default ``rank_share``: the most work one document may put on a rank, as a fraction of a
+rank's mean work (chosen with ``benchmarks/bench_cp_balance.py``; 0 spreads every document)."""
 
 
 def doc_work(lengths) -> np.ndarray:
@@ -53,7 +57,7 @@ def zigzag_order(seq_length: int, cp_size: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[r], chunks[2 * cp_size - 1 - r]]) for r in range(cp_size)])
 
 
-def balanced_order(lengths: Sequence[int], cp_size: int, whole_fraction: float = WHOLE_FRACTION) -> np.ndarray:
+def balanced_order(lengths: Sequence[int], cp_size: int, rank_share: float = RANK_SHARE) -> np.ndarray:
     """The balanced layout of a sample with documents of ``lengths`` (in order), as a permutation
     of its positions (see the module doc). ``sum(lengths)`` must be a multiple of ``2 * cp_size``."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -64,17 +68,18 @@ def balanced_order(lengths: Sequence[int], cp_size: int, whole_fraction: float =
         return np.arange(total)
     starts = np.cumsum(lengths) - lengths
     work = doc_work(lengths)
-    share = whole_fraction * work.sum() / cp_size
-    ranks = np.full(lengths.size, cp_size) if share <= 0 else np.clip(-(-work // max(share, 1)), 1, cp_size)
+    share = rank_share * work.sum() / cp_size
+    ranks = np.full(lengths.size, cp_size) if share <= 0 else \
+        np.clip(np.ceil(work / share), 1, cp_size).astype(np.int64)
     spread = ranks == cp_size
-    # Rank capacities are exact; the documents spread over every rank can miss the even share by
-    # up to 2 tokens a rank, which the others must be able to absorb.
+    # The documents spread over every rank can miss the even share by up to 2 tokens a rank;
+    # the others must be able to absorb that.
     if lengths[~spread].sum() < 2 * cp_size:
         spread[:] = True
     pieces, load, used = _split_documents(starts[spread], lengths[spread], cp_size)
     capacity = total // cp_size - used
-    if (capacity < 0).any():  # cannot happen with >= 2 CP other tokens; never leave a rank short
-        return balanced_order(lengths, cp_size, whole_fraction=0.0)
+    if (capacity < 0).any():  # not with >= 2 CP such tokens; never leave a rank short
+        return balanced_order(lengths, cp_size, rank_share=0.0)
     rest = np.nonzero(~spread)[0]
     rest = rest[np.lexsort((-(work[rest] // ranks[rest]), -ranks[rest]))]  # widest, then largest share first
     for d in rest.tolist():
