@@ -15,6 +15,13 @@ to ``create_block_mask``'s for aligned layouts (tested on CPU): a (query block, 
   is marked partial but has no allowed pair only costs time, never correctness (with
   non-decreasing ids and block-aligned chunks the test is exact);
 - skipped otherwise.
+
+When the keys are the whole sequence (any order: the all-gathered CP keys) and documents are runs
+of ids, ``flex_plan`` puts the keys in position order (one ``index_select`` of K and V) and builds
+the mask exactly instead (``ordered_keys_block_mask``): a query needs one contiguous run of keys
+(its document's start to itself), so a tile is marked iff it holds a needed pair, whatever mix of
+document pieces a query tile holds (the balanced CP split puts pieces of many documents on a
+rank; with the keys in all-gather order their id ranges overlap everywhere).
 """
 
 from __future__ import annotations

@@ -3,14 +3,17 @@
 Drop-in for megatron-core's ``DotProductAttention`` in the local layer spec. The
 ``attention_mask`` argument of ``forward`` carries *document ids* rather than a boolean mask:
 an integer tensor ``[b, S]`` giving, for every token of the **full, un-split** sequence (``S`` =
-global sequence length), the index of the document it belongs to. ``None`` means one document
-per sample (plain causal). A query attends to keys that are not in its future and belong to
-the same document.
+global sequence length), the index of the document it belongs to, or ``prepare_batch``'s layout
+``[2, b, S]`` (those ids and the token order of the balanced CP split: rank ``r`` holds positions
+``order[:, r*S/CP:(r+1)*S/CP]``). ``None`` means one document per sample (plain causal). A query
+attends to keys that are not in its future and belong to the same document.
 
 Context parallelism (CP = size of megatron-core's CP group) is handled here, because megatron's
-local ``DotProductAttention`` refuses it. Each CP rank holds two "zigzag" chunks of the sequence
-(the sequence is viewed as ``2*CP`` chunks of ``c = S / (2*CP)`` tokens; rank ``r`` keeps chunks
-``r`` and ``2*CP-1-r``, the split megatron uses for the batch and the RoPE table). The module:
+local ``DotProductAttention`` refuses it. With a layout, each rank holds its share of every sample
+(``parallel/cp_balance.py``: pieces of each document, balanced for document-masked work) and
+the micro-batch is seen as one sequence of ``b*S`` positions (``cp_layout.flat_layout_positions``:
+every sample is split its own way); with ``[b, S]`` ids or ``None``, each rank holds megatron's
+two zigzag chunks ``r`` and ``2*CP-1-r`` of ``2*CP``. The module:
 
 1. all-gathers K and V over the CP group (the ``num_query_groups`` KV heads, not the repeated
    GQA heads), in the backward pass reduce-scatters dK / dV (``_GatherSeq``);
@@ -18,7 +21,8 @@ local ``DotProductAttention`` refuses it. Each CP rank holds two "zigzag" chunks
 3. attends local queries to all keys with ``mask = (pos_q >= pos_k) & (doc[pos_q] == doc[pos_k])``.
 
 Kernels (``backend``, ``model.attention_backend``; ``megatron_prolong.attention.ATTENTION_BACKENDS``):
-``flex`` (compiled ``flex_attention``, block-sparse mask from the same predicate, ``flex.py``),
+``flex`` (compiled ``flex_attention``; the gathered keys put in position order and an exact
+block-sparse mask from the same predicate, ``flex.py``),
 ``varlen`` / ``fa4`` (FlashAttention varlen kernels on ``cu_seqlens`` pieces, ``varlen.py``),
 ``sdpa`` (SDPA + dense boolean mask; the CPU path: flex_attention has no CPU backward); ``auto``
 is flex on CUDA, sdpa on CPU. A kernel that is not available fails at construction

@@ -6,7 +6,7 @@ sees the last key). Document masking with Llama-3-style all-gather context paral
 that the way ring-flash-attention's ``llama3_flash_attn_varlen`` does it:
 
 - the local queries are cut into *pieces*: maximal runs that are contiguous in global position
-  (each zigzag chunk is) and inside one document;
+  (each chunk of a document is) and inside one document;
 - the keys of a piece are its document's tokens from the document's start up to the piece's
   last position, taken from the all-gathered K/V after reordering to global order;
 - bottom-right causal then lets query ``p`` see exactly the keys ``doc_start..p``.

@@ -8,13 +8,16 @@ loss_mask [B, S], doc_ids [B, S]) into what this rank's GPTModel forward takes::
                    labels=out["labels"], packed_seq_params=out["packed_seq_params"])
     # losses: [B, S_local] (portable) or [1, T_local] (TE/THD); weight with out["loss_mask"]
 
-Portable path (``use_te=False``): the sequence is viewed as ``2*CP`` chunks of ``S/(2*CP)``
-tokens and CP rank ``r`` keeps chunks ``r`` and ``2*CP-1-r`` (megatron's
-``get_batch_on_this_cp_rank`` split, matching the RoPE slice of ``RotaryEmbedding``).
-``attention_mask`` is the FULL sequence's document ids ``[B, S]`` (the portable attention
-indexes it by global position), ``position_ids`` the global positions of the local tokens.
-Documents may cross chunk borders and be longer than a chunk: the attention mask works on
-global positions, so nothing special is needed.
+Portable path (``use_te=False``): every sample is split by its documents so that each CP rank
+gets the same attention work (``cp_balance.balanced_order``: long documents zigzagged on their
+own over every rank, shorter ones over a few ranks or whole; decided on the host from the
+document lengths, one device-to-host copy per micro-batch). Rank ``r`` gets ``S/CP`` tokens per
+sample, ascending in position; ``position_ids`` ``[B, S/CP]`` are their positions in the sample
+(RoPE is taken at them: ``models.gpt.ProLongGPTModel``), and tokens, labels and loss masks are
+gathered at them. ``attention_mask`` is the layout ``[2, B, S]``: the full sample's document ids
+and the split's token order (the portable attention needs every rank's positions to place the
+all-gathered keys). Without ``doc_ids`` (one document per sample) or at CP=1: megatron's zigzag
+(``get_batch_on_this_cp_rank``'s split) and ``attention_mask`` = the ids (or None).
 
 TE path (``use_te=True``): THD packed sequences. All samples of the micro-batch are packed into
 one sequence (batch dim 1); every document is padded to a multiple of ``2*CP`` (TE's CP

@@ -1,12 +1,14 @@
-"""Context-parallel layout, in one place: the zigzag split, the sequence-length rule, and which
-CP communication each attention path supports.
+"""Context-parallel layout, in one place: the zigzag split, the positions the portable attention
+derives from the balanced split (``flat_layout_positions``; the split itself: ``cp_balance``), the
+sequence-length rule, and which CP communication each attention path supports.
 
 Light on purpose (torch is imported inside the functions): the config checks use it before
 anything heavy is loaded, the attention backends and the batch split import it.
 
 Zigzag: the sequence is viewed as ``2*CP`` chunks of ``c = S / (2*CP)`` tokens; CP rank ``r``
 keeps chunks ``r`` and ``2*CP-1-r`` (megatron-core's ``get_batch_on_this_cp_rank`` split, which
-balances causal work and is the slice ``RotaryEmbedding`` takes of the RoPE table).
+balances causal work and is the slice ``RotaryEmbedding`` takes of the RoPE table). The portable
+path uses it for samples of one document; packed documents get ``cp_balance.balanced_order``.
 """
 
 from __future__ import annotations
