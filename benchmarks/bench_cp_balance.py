@@ -32,8 +32,15 @@ Mixes (ProLong-like): ``prolong`` one document of 60% of S + short ones (log-uni
 bench_attention's), ``short`` 0.5K-8K documents, ``pieces`` 2K-64K documents (stage 2's 64K
 folders at 512K), ``single`` one document.
 
+With ``--time-backends`` (GPU): forward+backward time of the busiest rank's attention (its
+queries against all ``S`` keys, llama3-8b heads, bf16; the first tile sample of each row), old split
+next to new. ``flex`` old = the block-statistics mask over the rank-major keys (the code before
+the balanced split), new = ``document_attention`` as training runs it (keys in position order,
+exact mask); ``varlen`` / ``fa4`` / ``sdpa``: ``document_attention`` on either layout.
+
     python benchmarks/bench_cp_balance.py                    # 64K and 512K, CP 2-16, 20 samples
     python benchmarks/bench_cp_balance.py --seq-lengths 65536 --cp 8 --rank-shares 0 0.02 0.05
+    python benchmarks/bench_cp_balance.py --time-backends flex varlen --samples 2 --tile-samples 1  # GPU
 """
 
 from __future__ import annotations
@@ -178,6 +185,70 @@ def te_layout(lengths, cp):
 
 
 # ----------------------------------------------------------------------------------------------
+# Time of the busiest rank's attention (GPU; --time-backends)
+# ----------------------------------------------------------------------------------------------
+
+
+def time_busiest_rank(lengths, order, cp, backend, *, device, heads, kv_heads, head_dim, dtype, iters, warmup,
+                      old_flex=False):
+    """Seconds of one forward+backward of the busiest rank's queries against all keys."""
+    import torch
+
+    from megatron_prolong.attention import portable
+    from megatron_prolong.attention.flex import document_block_mask, flex_document_attention
+
+    S = order.size
+    local = S // cp
+    r = int(np.argmax(rank_work(order, lengths, cp)))
+    q_pos = torch.from_numpy(order[r * local:(r + 1) * local]).to(device)
+    k_pos = torch.from_numpy(order).to(device)
+    doc = torch.from_numpy(doc_maps(lengths)[0])[None].to(device)
+    q = torch.randn(1, heads, local, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, kv_heads, S, head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, kv_heads, S, head_dim, device=device, dtype=dtype, requires_grad=True)
+    scale = 1 / math.sqrt(head_dim)
+    portable.clear_caches()
+    block_mask = document_block_mask(q_pos, k_pos, doc) if old_flex else None
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        if old_flex:
+            out = flex_document_attention(q, k, v, block_mask, scale)
+        else:
+            out = portable.document_attention(q, k, v, doc, q_pos=q_pos, k_pos=k_pos, softmax_scale=scale,
+                                              backend=backend)
+        out.backward(torch.ones_like(out))
+
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    portable.clear_caches()
+    return (time.perf_counter() - t) / iters
+
+
+def time_row(lengths, cp, rank_share, args) -> dict:
+    import torch
+
+    dtype = getattr(torch, args.time_dtype)
+    out = {}
+    for backend in args.time_backends:
+        for name, order in (("old", zigzag_order(sum(lengths), cp)), ("new", balanced_order(lengths, cp, rank_share))):
+            try:
+                out[(backend, name)] = time_busiest_rank(
+                    lengths, order, cp, backend, device=args.time_device, heads=args.heads, kv_heads=args.kv_heads,
+                    head_dim=args.head_dim, dtype=dtype, iters=args.iters, warmup=args.warmup,
+                    old_flex=backend == "flex" and name == "old")
+            except Exception as exc:  # a benchmark reports a failing kernel and goes on
+                print(f"#   {backend} {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # One (length, mix, CP) row
 # ----------------------------------------------------------------------------------------------
 
@@ -229,6 +300,7 @@ def measure(S, mix, cp, samples, tile_samples, rank_share, rng):
         acc["held"] += int(te_tiles.sum())
     res["tiles"] = tiles
     res["docs"] = float(np.mean([len(x) for x in lens]))
+    res["first_sample"] = lens[0]
     return res
 
 
@@ -245,6 +317,13 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-backends", nargs="+", default=[], choices=["flex", "varlen", "fa4", "sdpa"],
+                    help="also time the busiest rank's attention, old split vs new (GPU)")
+    ap.add_argument("--time-device", default="cuda")
+    ap.add_argument("--time-dtype", default="bfloat16")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args(argv)
 
     per_token = 2 * args.kv_heads * args.head_dim * 2 / args.tp  # K and V, bf16
@@ -266,6 +345,12 @@ def main(argv=None):
                     r.update(seq=S, mix=mix, cp=cp, rank_share=share, seconds=time.perf_counter() - t0)
                     rows.append(r)
                     print(_line(r, per_token), flush=True)
+                    if args.time_backends:
+                        r["times"] = time_row(r["first_sample"], cp, share, args)
+                        print("#   busiest rank f+b ms, old -> new: " + ", ".join(
+                            f"{b} {r['times'][(b, 'old')] * 1e3:.1f} -> {r['times'][(b, 'new')] * 1e3:.1f}"
+                            for b in args.time_backends if (b, "old") in r["times"] and (b, "new") in r["times"]),
+                            flush=True)
     return rows
 
 

@@ -75,3 +75,13 @@ def test_tiny_run_prints_every_row(capsys):
     for r in rows:
         assert all(len(v) == 3 for v in r["bal"].values())
         assert r["tiles"]["new"]["flex"]["held"] == r["tiles"]["new"]["flex"]["sum"]  # exact mask
+
+
+def test_timing_mode_runs_both_splits(capsys):
+    # The GPU timing path, on CPU with SDPA at a tiny size: both splits are timed, nothing fails.
+    rows = bench.main(["--seq-lengths", "512", "--cp", "2", "--mixes", "prolong", "--samples", "1",
+                       "--tile-samples", "1", "--time-backends", "sdpa", "--time-device", "cpu",
+                       "--time-dtype", "float32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                       "--iters", "1", "--warmup", "0"])
+    assert set(rows[0]["times"]) == {("sdpa", "old"), ("sdpa", "new")}
+    assert "busiest rank f+b ms, old -> new: sdpa" in capsys.readouterr().out
