@@ -284,7 +284,8 @@ class PortableCoreAttention(MegatronModule):
                             "attention_mask, not a boolean mask (see megatron_prolong.parallel.context_parallel)")
         s_local, b = query.shape[0], query.shape[1]
         seq_length = s_local * self.cp_size
-        if attention_mask is not None and (attention_mask.shape[-1] != seq_length or attention_mask.dim() not in (2, 3)):
+        ids = attention_mask
+        if ids is not None and (ids.dim() not in (2, 3) or ids.shape[-1] != seq_length):
             raise ValueError(
                 f"document ids cover {tuple(attention_mask.shape)} tokens but the sequence has "
                 f"{s_local} local tokens x CP {self.cp_size} = {seq_length}; attention_mask must carry "
@@ -307,7 +308,7 @@ class PortableCoreAttention(MegatronModule):
     def _attend_layout(self, query, key, value, layout, dropout_p):
         """``prepare_batch``'s layout ``[2, b, S]`` (document ids, token order: every sample split its
         own way): the micro-batch as one sequence of ``b*S`` positions, ``[s, b]`` tokens flattened
-        (no copy), positions from the layout (built once per micro-batch, ``flat_layout_positions``)."""
+        (a view), positions from the layout (built once per micro-batch, ``flat_layout_positions``)."""
         q_pos, k_pos, docs = CACHES["positions"].get_or_build(
             (layout,), (self.cp_size, self.cp_rank, str(query.device)),
             lambda: flat_layout_positions(layout.to(query.device), self.cp_size, self.cp_rank))
