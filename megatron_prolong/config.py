@@ -100,7 +100,9 @@ class ParallelConfig:
     pipeline: int = 1
     """Pipeline-parallel size (must divide the number of layers)."""
     context: int = 1
-    """Context-parallel size: the sequence is split into 2 x CP zigzag chunks."""
+    """Context-parallel size. The portable attention splits every sample by its documents, balanced
+    for the attention work (``parallel/cp_balance.py``); TE zigzags each document (THD). The
+    sequence length must be a multiple of 2 x CP."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout activations (needs tensor > 1)."""
     cp_comm_type: str = "auto"

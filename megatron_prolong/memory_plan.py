@@ -39,9 +39,11 @@ Formulas (documented with their derivation in docs/long_context.md; all per GPU,
   ``+ max(2f/tp, A - 4f/tp, 0)``: in the MLP's backward d fc1-output (``2f/tp``) and d fc2-input
   (``f/tp``) minus the freed fc2 input (``f/tp``); in the attention's backward
   ``A = (2h + 2kv)/tp + 2kv*cp/tp`` (d attention-out, dQ, dK/dV of this rank's shard and, with
-  CP, dK/dV of the all-gathered sequence before their reduce-scatter), by when the MLP's saved
-  activations (``4f/tp``) are freed. For Llama-3-8B (f = 3.5h, kv = h/4) A stays below 4f/tp for
-  cp <= 22, so its gathered dK/dV fit in the space the MLP's activations leave.
+  CP, dK/dV of the all-gathered sequence before their reduce-scatter; twice that last term for
+  flex / varlen / fa4, which take the gathered keys reordered: the reordered copy's dK/dV too),
+  by when the MLP's saved activations (``4f/tp``) are freed. For Llama-3-8B (f = 3.5h, kv = h/4)
+  A stays below 4f/tp for cp <= 22 (SDPA) or cp <= 11 (the reordering kernels); beyond, the
+  gathered dK/dV outgrow the space the MLP's activations leave.
 - fixed overhead (CUDA context, NCCL buffers, allocator fragmentation): ``overhead_gib``.
 - checkpoint staging (``checkpoint_staging``): what a checkpoint save (sync or background) leaves on
   the device. The ``parallel_reshardable`` optimizer format moves the owners' fp32 state to pinned
@@ -192,6 +194,10 @@ def layer_backward_elems_per_token(spec, layout: Layout, opt: MemoryOptions) -> 
     residual = 2 * h / (tp if sp else 1)
     mlp = 3 * f / tp - f / tp  # d fc2-input, d fc1-output; the fc2 input is freed by then
     attention = (2 * h + 2 * kv) / tp + (2 * kv * cp / tp if cp > 1 else 0)
+    if cp > 1 and opt.attention_backend in ("flex", "varlen", "fa4"):
+        # These kernels take the gathered keys reordered (index_select): the reordered copy's
+        # dK/dV and the gathered ones (index_select's backward) coexist before the reduce-scatter.
+        attention += 2 * kv * cp / tp
     mlp_saved = 4 * f / tp  # freed once the MLP's backward is done
     return residual + max(mlp, attention - mlp_saved, 0.0)
 

@@ -7,7 +7,8 @@
 #
 # With a longer lease, one part per call (each installs first, so no call depends on an earlier one):
 #
-#   bash scripts/gpu_session.sh tests | attention | train   [--dry-run]
+#   bash scripts/gpu_session.sh tests | attention | train | cp   [--dry-run]
+#   (cp: the busiest CP rank's attention time, old vs balanced split, 64K and 512K, CP 4-16)
 #
 # Every part runs under its own time budget (coreutils timeout) and writes to $OUT (default gpu_out)
 # as it goes, so a part that runs out of time still leaves what it finished: test results one line
@@ -44,7 +45,8 @@ case "$mode" in
   tests)     parts=(setup tests);     budgets=(75 480) ;;
   attention) parts=(setup attention); budgets=(75 480) ;;
   train)     parts=(setup train);     budgets=(75 480) ;;
-  *) echo "usage: $0 all|tests|attention|train [--dry-run]" >&2; exit 2 ;;
+  cp)        parts=(setup cp);        budgets=(75 480) ;;
+  *) echo "usage: $0 all|tests|attention|train|cp [--dry-run]" >&2; exit 2 ;;
 esac
 
 attention_cmd() {
@@ -65,6 +67,11 @@ train_cmd() {  # $1: the part's budget; bench_train stops starting rows 30 s bef
   fi
 }
 
+cp_cmd() {
+  echo "$PYTHON benchmarks/bench_cp_balance.py --seq-lengths 65536 524288 --cp 4 8 16" \
+       "--mixes prolong short pieces --samples 1 --tile-samples 1 --time-backends flex varlen --iters 2"
+}
+
 describe() {  # $1 part, $2 budget
   case "$1" in
     setup) echo "install the project from build/device_wheels unless it imports (scripts/device_setup.sh), nvidia-smi"
@@ -74,6 +81,8 @@ describe() {  # $1 part, $2 budget
            echo "    writes: $OUT/tests.log (a line per test as it ends, then each file's summary)" ;;
     attention) echo "$(attention_cmd)"
            echo "    writes: $OUT/attention.log (a table row per kernel and mixture as measured)" ;;
+    cp) echo "$(cp_cmd)"
+           echo "    writes: $OUT/cp.log (balance, tiles and the busiest rank's attention time per row)" ;;
     train) echo "$(train_cmd "$2")"
            echo "    writes: $OUT/train.log (progress, table), $OUT/bench_train/bench_train.{json,csv,log} (after each row)" ;;
   esac
@@ -135,6 +144,10 @@ run_attention() {  # $1 budget
   timeout -k 5 "$1" $(attention_cmd) >> "$OUT/attention.log" 2>&1
 }
 
+run_cp() {  # $1 budget
+  timeout -k 5 "$1" $(cp_cmd) >> "$OUT/cp.log" 2>&1
+}
+
 run_train() {  # $1 budget
   timeout -k 10 "$1" $(train_cmd "$1") >> "$OUT/train.log" 2>&1
 }
@@ -156,4 +169,5 @@ cat "$OUT/session.txt"
 [[ -f $OUT/tests.log ]] && grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | tail -n 20
 [[ -f $OUT/attention.log ]] && tail -n 12 "$OUT/attention.log"
 [[ -f $OUT/train.log ]] && tail -n 15 "$OUT/train.log"
+[[ -f $OUT/cp.log ]] && tail -n 30 "$OUT/cp.log"
 exit 0

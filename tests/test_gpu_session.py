@@ -36,7 +36,7 @@ def test_all_is_one_call_of_at_most_8_minutes():
     assert [name for name, _ in parts] == ["setup", "tests", "attention", "train"]
     assert sum(budget for _, budget in parts) <= 8 * 60
     assert len(_written(text)) <= MAX_FILES_BACK, sorted(_written(text))
-    for mode in ("tests", "attention", "train"):  # the one-part-per-call form: each under a 10-minute call
+    for mode in ("tests", "attention", "train", "cp"):  # the one-part-per-call form: each under a 10-minute call
         parts = _parts(_dry_run(mode))
         assert parts[0][0] == "setup" and parts[1][0] == mode and sum(b for _, b in parts) < 10 * 60
 

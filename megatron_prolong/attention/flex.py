@@ -15,10 +15,18 @@ to ``create_block_mask``'s for aligned layouts (tested on CPU): a (query block, 
   is marked partial but has no allowed pair only costs time, never correctness (with
   non-decreasing ids and block-aligned chunks the test is exact);
 - skipped otherwise.
+
+When the keys are the whole sequence (any order: the all-gathered CP keys) and documents are runs
+of ids, ``flex_plan`` puts the keys in position order (one ``index_select`` of K and V) and builds
+the mask exactly instead (``ordered_keys_block_mask``): a query needs one contiguous run of keys
+(its document's start to itself), so a tile is marked iff it holds a needed pair, whatever mix of
+document pieces a query tile holds (the balanced CP split puts pieces of many documents on a
+rank; with the keys in all-gather order their id ranges overlap everywhere).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -76,6 +84,87 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     num = dense.sum(-1).to(torch.int32)
     idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
     return num.contiguous(), idx.contiguous()
+
+
+def ordered_keys_block_flags(q_pos: torch.Tensor, q_start: torch.Tensor, num_keys: int,
+                             block: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partial, full)`` tile flags ``[B, 1, nq, nk]``, exact, for keys that are the positions
+    ``0 .. num_keys-1`` in order (``q_start`` ``[B, sq]``: first position of each query's document).
+
+    A query needs the keys ``q_start .. q_pos``: one contiguous run of key tiles. A tile is marked
+    iff it holds a needed pair (the union of the runs of its queries, by a difference array), so no
+    query layout (chunks of many documents in one tile) costs a tile that has nothing to compute.
+    Full: one document throughout the query tile, every key of the tile in ``[q_start, min q_pos]``."""
+    b, sq = q_start.shape
+    nq, nk = -(-sq // block), -(-num_keys // block)
+    row = (torch.arange(sq, device=q_pos.device) // block) * (nk + 1)
+    runs = torch.zeros(b, nq * (nk + 1), dtype=torch.int32, device=q_pos.device)
+    ones = torch.ones(b, sq, dtype=torch.int32, device=q_pos.device)
+    runs.scatter_add_(1, row + q_start // block, ones)
+    runs.scatter_add_(1, (row + q_pos // block + 1).expand(b, -1), -ones)
+    some = runs.view(b, nq, nk + 1).cumsum(-1)[..., :nk] > 0
+    s_lo, s_hi = _block_min_max(q_start, block)
+    q_lo, _ = _block_min_max(q_pos, block)
+    key_first = torch.arange(nk, device=q_pos.device) * block
+    full = ((s_lo == s_hi) & _complete_blocks(sq, block, q_pos.device))[..., None] \
+        & (key_first >= s_lo[..., None]) & (key_first + block - 1 <= q_lo[:, None]) \
+        & (key_first + block <= num_keys)
+    return (some & ~full)[:, None], full[:, None]
+
+
+def ordered_keys_block_mask(q_pos: torch.Tensor, doc_ids: Optional[torch.Tensor], num_keys: int,
+                            block: int = BLOCK_SIZE):
+    """flex_attention ``BlockMask`` for queries at ``q_pos`` against keys at positions
+    ``0 .. num_keys-1`` in order: query ``i`` attends key ``j`` iff ``j`` is in ``i``'s document
+    (a run of equal ``doc_ids``, ``[B, num_keys]``; None: one document) and ``j <= q_pos[i]``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from .documents import document_starts
+
+    q_start = document_starts(doc_ids, num_keys, q_pos.device).index_select(1, q_pos).contiguous()
+    if q_start.shape[0] == 1:
+        first = q_start[0]
+
+        def mask_mod(b, h, q, kv):
+            return (kv >= first[q]) & (kv <= q_pos[q])
+    else:
+        def mask_mod(b, h, q, kv):
+            return (kv >= q_start[b, q]) & (kv <= q_pos[q])
+    partial, full = ordered_keys_block_flags(q_pos, q_start, num_keys, block)
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(q_pos.numel(), num_keys))
+
+
+@dataclass
+class FlexPlan:
+    """What flex_attention gets for one micro-batch (built once, cached like the other layouts)."""
+
+    block_mask: object
+    key_rows: Optional[torch.Tensor]
+    """long ``[sk]``: the keys to take, in position order (``k.index_select(2, key_rows)``); None
+    when they already are in order, or when the general mask is used."""
+
+
+def flex_plan(doc_ids: Optional[torch.Tensor], q_pos: torch.Tensor, k_pos: torch.Tensor) -> FlexPlan:
+    """Keys that are the whole sequence (any order, e.g. all-gathered over CP) and documents that
+    are runs of ids are put in position order, with the exact mask (``ordered_keys_block_mask``);
+    anything else gets the block-statistics mask on the keys as given (``document_block_mask``).
+    One host sync, except when the keys are the queries (CP 1): they are in order already and the
+    block statistics are exact for runs of ids, so no value is read."""
+    from .documents import position_rows
+
+    if k_pos is q_pos:
+        return FlexPlan(document_block_mask(q_pos, k_pos, doc_ids), None)
+    rows, whole = position_rows(k_pos)
+    in_order = (rows == torch.arange(rows.numel(), device=rows.device)).all()
+    runs = torch.ones((), dtype=torch.bool, device=k_pos.device) if doc_ids is None \
+        else (doc_ids[:, 1:] >= doc_ids[:, :-1]).all().to(k_pos.device)
+    whole, in_order, runs = torch.stack([whole, in_order, runs]).tolist()
+    if whole and runs:
+        return FlexPlan(ordered_keys_block_mask(q_pos, doc_ids, k_pos.numel()), None if in_order else rows)
+    return FlexPlan(document_block_mask(q_pos, k_pos, doc_ids), None)
 
 
 def document_block_flags(q_pos: torch.Tensor, k_pos: torch.Tensor, doc_q: Optional[torch.Tensor],

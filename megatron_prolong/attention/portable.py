@@ -3,14 +3,17 @@
 Drop-in for megatron-core's ``DotProductAttention`` in the local layer spec. The
 ``attention_mask`` argument of ``forward`` carries *document ids* rather than a boolean mask:
 an integer tensor ``[b, S]`` giving, for every token of the **full, un-split** sequence (``S`` =
-global sequence length), the index of the document it belongs to. ``None`` means one document
-per sample (plain causal). A query attends to keys that are not in its future and belong to
-the same document.
+global sequence length), the index of the document it belongs to, or ``prepare_batch``'s layout
+``[2, b, S]`` (those ids and the token order of the balanced CP split: rank ``r`` holds positions
+``order[:, r*S/CP:(r+1)*S/CP]``). ``None`` means one document per sample (plain causal). A query
+attends to keys that are not in its future and belong to the same document.
 
 Context parallelism (CP = size of megatron-core's CP group) is handled here, because megatron's
-local ``DotProductAttention`` refuses it. Each CP rank holds two "zigzag" chunks of the sequence
-(the sequence is viewed as ``2*CP`` chunks of ``c = S / (2*CP)`` tokens; rank ``r`` keeps chunks
-``r`` and ``2*CP-1-r``, the split megatron uses for the batch and the RoPE table). The module:
+local ``DotProductAttention`` refuses it. With a layout, each rank holds its share of every sample
+(``parallel/cp_balance.py``: pieces of each document, balanced for document-masked work) and
+the micro-batch is seen as one sequence of ``b*S`` positions (``cp_layout.flat_layout_positions``:
+every sample is split its own way); with ``[b, S]`` ids or ``None``, each rank holds megatron's
+two zigzag chunks ``r`` and ``2*CP-1-r`` of ``2*CP``. The module:
 
 1. all-gathers K and V over the CP group (the ``num_query_groups`` KV heads, not the repeated
    GQA heads), in the backward pass reduce-scatters dK / dV (``_GatherSeq``);
@@ -18,7 +21,8 @@ local ``DotProductAttention`` refuses it. Each CP rank holds two "zigzag" chunks
 3. attends local queries to all keys with ``mask = (pos_q >= pos_k) & (doc[pos_q] == doc[pos_k])``.
 
 Kernels (``backend``, ``model.attention_backend``; ``megatron_prolong.attention.ATTENTION_BACKENDS``):
-``flex`` (compiled ``flex_attention``, block-sparse mask from the same predicate, ``flex.py``),
+``flex`` (compiled ``flex_attention``; the gathered keys put in position order and an exact
+block-sparse mask from the same predicate, ``flex.py``),
 ``varlen`` / ``fa4`` (FlashAttention varlen kernels on ``cu_seqlens`` pieces, ``varlen.py``),
 ``sdpa`` (SDPA + dense boolean mask; the CPU path: flex_attention has no CPU backward); ``auto``
 is flex on CUDA, sdpa on CPU. A kernel that is not available fails at construction
@@ -42,9 +46,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from ..parallel.cp_layout import PORTABLE_CP_COMM_TYPES, gathered_positions, zigzag_positions
+from ..parallel.cp_layout import PORTABLE_CP_COMM_TYPES, flat_layout_positions, gathered_positions, zigzag_positions
 from .backends import CUDA_ONLY, AttentionBackendUnavailable, check_backend, resolve_backend
-from .flex import document_block_mask, flex_document_attention
+from .flex import flex_document_attention, flex_plan
 from .layout_cache import LayoutCache
 from .varlen import KERNELS as VARLEN_KERNELS
 from .varlen import varlen_document_attention, varlen_plan
@@ -102,7 +106,7 @@ def document_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor,
 # One cache per kind of prepared layout. The dense SDPA mask is large (sq x sk bytes per sample):
 # keep one; block masks and cu_seqlens are small: keep a few for pipeline schedules, where the
 # backward of one micro-batch follows the forward of the next ones.
-CACHES = {"sdpa": LayoutCache(1), "flex": LayoutCache(4), "varlen": LayoutCache(4)}
+CACHES = {"sdpa": LayoutCache(1), "flex": LayoutCache(4), "varlen": LayoutCache(4), "positions": LayoutCache(4)}
 
 
 def clear_caches() -> None:
@@ -176,9 +180,11 @@ def document_attention(
         return _sdpa_attention(q, k, v, doc_ids, q_pos, k_pos, softmax_scale, dropout_p, cache)
     try:
         if kind == "flex":
-            block_mask = _cached("flex", cache, doc_ids, q_pos, k_pos, b, q.device,
-                                 lambda: document_block_mask(q_pos, k_pos, _on(doc_ids, q.device)))
-            return flex_document_attention(q, k, v, block_mask, softmax_scale)
+            plan = _cached("flex", cache, doc_ids, q_pos, k_pos, b, q.device,
+                           lambda: flex_plan(_on(doc_ids, q.device), q_pos, k_pos))
+            if plan.key_rows is not None:  # keys in position order: the exact, tighter block mask
+                k, v = k.index_select(2, plan.key_rows), v.index_select(2, plan.key_rows)
+            return flex_document_attention(q, k, v, plan.block_mask, softmax_scale)
         if q.dtype not in (torch.bfloat16, torch.float16):
             raise TypeError(f"attention backend {kind!r} (FlashAttention) takes bf16 or fp16, got {q.dtype}; "
                             "use flex or sdpa for fp32")
@@ -274,27 +280,42 @@ class PortableCoreAttention(MegatronModule):
                 "a bias (packed THD sequences are the TE path: prepare_batch(use_te=True))"
             )
         if attention_mask is not None and attention_mask.dtype == torch.bool:
-            raise TypeError("portable attention expects integer document ids [b, S] in attention_mask, "
-                            "not a boolean mask (see megatron_prolong.parallel.context_parallel)")
-        # [s, b, h, d] -> [b, h, s, d]
-        s_local = query.shape[0]
+            raise TypeError("portable attention expects integer document ids [b, S] (or a [2, b, S] layout) in "
+                            "attention_mask, not a boolean mask (see megatron_prolong.parallel.context_parallel)")
+        s_local, b = query.shape[0], query.shape[1]
         seq_length = s_local * self.cp_size
-        if attention_mask is not None and attention_mask.shape[-1] != seq_length:
+        ids = attention_mask
+        if ids is not None and (ids.dim() not in (2, 3) or ids.shape[-1] != seq_length):
             raise ValueError(
-                f"document ids cover {attention_mask.shape[-1]} tokens but the sequence has "
+                f"document ids cover {tuple(attention_mask.shape)} tokens but the sequence has "
                 f"{s_local} local tokens x CP {self.cp_size} = {seq_length}; attention_mask must carry "
-                f"the full sequence's doc ids"
+                f"the full sequence's doc ids [b, S] or prepare_batch's layout [2, b, S]"
             )
         if self.cp_size > 1:
             key = gather_sequence(key, self.cp_group)
             value = gather_sequence(value, self.cp_group)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if attention_mask is not None and attention_mask.dim() == 3:
+            return self._attend_layout(query, key, value, attention_mask, dropout_p)
         q_pos, k_pos = layer_positions(seq_length, self.cp_size, self.cp_rank, query.device)
+        # [s, b, h, d] -> [b, h, s, d]; the doc ids go in as given (the caches key on their storage)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        # the doc ids go in as given (the caches key on their storage; the kernels move them)
-        out = document_attention(
-            q, k, v, attention_mask, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
-        )
+        out = document_attention(q, k, v, attention_mask, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
+                                 dropout_p=dropout_p, backend=self.backend)
         # [b, h, s, d] -> [s, b, h*d]
-        b, h, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+        return out.permute(2, 0, 1, 3).reshape(s_local, b, -1)
+
+    def _attend_layout(self, query, key, value, layout, dropout_p):
+        """``prepare_batch``'s layout ``[2, b, S]`` (document ids, token order: every sample split its
+        own way): the micro-batch as one sequence of ``b*S`` positions, ``[s, b]`` tokens flattened
+        (a view), positions from the layout (built once per micro-batch, ``flat_layout_positions``)."""
+        q_pos, k_pos, docs = CACHES["positions"].get_or_build(
+            (layout,), (self.cp_size, self.cp_rank, str(query.device)),
+            lambda: flat_layout_positions(layout.to(query.device), self.cp_size, self.cp_rank))
+        s_local, b = query.shape[0], query.shape[1]
+        q, k, v = (t.reshape(t.shape[0] * b, t.shape[2], t.shape[3]).transpose(0, 1)[None]
+                   for t in (query, key, value))
+        out = document_attention(q, k, v, docs, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
+                                 dropout_p=dropout_p, backend=self.backend)
+        # [1, h, s*b, d] -> [s, b, h*d]
+        return out[0].transpose(0, 1).reshape(s_local, b, -1)

@@ -6,7 +6,7 @@ sees the last key). Document masking with Llama-3-style all-gather context paral
 that the way ring-flash-attention's ``llama3_flash_attn_varlen`` does it:
 
 - the local queries are cut into *pieces*: maximal runs that are contiguous in global position
-  (each zigzag chunk is) and inside one document;
+  (each chunk of a document is) and inside one document;
 - the keys of a piece are its document's tokens from the document's start up to the piece's
   last position, taken from the all-gathered K/V after reordering to global order;
 - bottom-right causal then lets query ``p`` see exactly the keys ``doc_start..p``.
@@ -32,6 +32,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .documents import document_starts, position_rows
 
 
 @dataclass
@@ -60,27 +62,23 @@ def varlen_plan(doc_ids: Optional[torch.Tensor], q_pos: torch.Tensor, k_pos: tor
     """
     device = q_pos.device
     sq, sk = q_pos.numel(), k_pos.numel()
-    inv = torch.full((sk,), -1, dtype=torch.long, device=device)
-    in_range = bool(((k_pos >= 0) & (k_pos < sk)).all())
-    if in_range:
-        inv[k_pos] = torch.arange(sk, device=device)
-    if not in_range or bool((inv < 0).any()):
-        raise ValueError(f"the varlen kernels need keys at every position 0..{sk - 1} exactly once (the "
-                         "whole all-gathered sequence); use the flex or sdpa backend for other key sets")
-    if doc_ids is None:
-        doc = torch.zeros(batch, sk, dtype=torch.long, device=device)
-    else:
+    inv, whole = position_rows(k_pos)
+    if doc_ids is not None:
         doc = doc_ids.to(device)
         if tuple(doc.shape) != (batch, sk):
             raise ValueError(f"document ids have shape {tuple(doc.shape)}, expected [batch, S] = [{batch}, {sk}]")
-        if bool((doc[:, 1:] < doc[:, :-1]).any()):
-            raise ValueError("the varlen kernels need non-decreasing document ids along each sample (each "
-                             "document one run of ids, as megatron_prolong.data produces); use flex or sdpa")
-    pos = torch.arange(sk, device=device)
-    # start position of the document (run of equal ids) each position belongs to
-    run_first = torch.ones_like(doc, dtype=torch.bool)
-    run_first[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    doc_start = torch.where(run_first, pos, torch.zeros_like(pos)).cummax(dim=1).values  # [b, sk]
+        ordered = (doc[:, 1:] >= doc[:, :-1]).all()
+    else:
+        doc = torch.zeros(batch, sk, dtype=torch.long, device=device)
+        ordered = torch.ones((), dtype=torch.bool, device=device)
+    whole, ordered = torch.stack([whole, ordered]).tolist()  # one host sync for both checks
+    if not whole:
+        raise ValueError(f"the varlen kernels need keys at every position 0..{sk - 1} exactly once (the "
+                         "whole all-gathered sequence); use the flex or sdpa backend for other key sets")
+    if not ordered:
+        raise ValueError("the varlen kernels need non-decreasing document ids along each sample (each "
+                         "document one run of ids, as megatron_prolong.data produces); use flex or sdpa")
+    doc_start = document_starts(doc, sk, device)  # [b, sk]
 
     # query pieces: a new one wherever the position jumps or the document changes
     dq = doc.index_select(1, q_pos)  # [b, sq]

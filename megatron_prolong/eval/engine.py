@@ -3,15 +3,15 @@
 ``ForwardScorer.score(samples)`` runs samples (the dataset contract of ``data/batch.py``) through
 megatron's ``get_forward_backward_func()(..., forward_only=True)`` with the trainer's own
 ``forward_step`` and loss function, on micro-batches made by the trainer's ``collate`` and
-``prepare_batch`` (CP zigzag split, TE THD packing). So the loss it reports for a sample is, up to
+``prepare_batch`` (balanced CP split, TE THD packing). So the loss it reports for a sample is, up to
 fp32 reduction order, the loss a training step reports for it (token-averaged: sum of masked
 token losses over the sum of loss tokens, over micro-batches x DP x CP).
 
 On top of the training loss it collects, per sample and per position bucket, the sums of token
 losses, and optionally greedy top-1 agreement and a choice among candidate tokens at the loss
-positions (needle scoring). Under CP a rank holds two zigzag chunks of every sample; each token
-carries its sample slot and global position (split exactly as the tokens are), so partial sums
-add up across CP ranks. Top-1 needs logits only at the loss positions: the final hidden states
+positions (needle scoring). Under CP a rank holds its share of every sample (pieces of its
+documents); each token carries its sample slot and global position (split exactly as the tokens
+are), so partial sums add up across CP ranks. Top-1 needs logits only at the loss positions: the final hidden states
 are taken from the decoder (a forward hook) and multiplied by this rank's vocabulary shard of the
 output layer; the argmax is then agreed over TP. The full ``[tokens x vocab]`` logits never exist.
 

@@ -8,13 +8,16 @@ loss_mask [B, S], doc_ids [B, S]) into what this rank's GPTModel forward takes::
                    labels=out["labels"], packed_seq_params=out["packed_seq_params"])
     # losses: [B, S_local] (portable) or [1, T_local] (TE/THD); weight with out["loss_mask"]
 
-Portable path (``use_te=False``): the sequence is viewed as ``2*CP`` chunks of ``S/(2*CP)``
-tokens and CP rank ``r`` keeps chunks ``r`` and ``2*CP-1-r`` (megatron's
-``get_batch_on_this_cp_rank`` split, matching the RoPE slice of ``RotaryEmbedding``).
-``attention_mask`` is the FULL sequence's document ids ``[B, S]`` (the portable attention
-indexes it by global position), ``position_ids`` the global positions of the local tokens.
-Documents may cross chunk borders and be longer than a chunk: the attention mask works on
-global positions, so nothing special is needed.
+Portable path (``use_te=False``): every sample is split by its documents so that each CP rank
+gets the same attention work (``cp_balance.balanced_order``: long documents zigzagged on their
+own over every rank, shorter ones over a few ranks or whole; decided on the host from the
+document lengths, one device-to-host copy per micro-batch). Rank ``r`` gets ``S/CP`` tokens per
+sample, ascending in position; ``position_ids`` ``[B, S/CP]`` are their positions in the sample
+(RoPE is taken at them: ``models.gpt.ProLongGPTModel``), and tokens, labels and loss masks are
+gathered at them. ``attention_mask`` is the layout ``[2, B, S]``: the full sample's document ids
+and the split's token order (the portable attention needs every rank's positions to place the
+all-gathered keys). Without ``doc_ids`` (one document per sample) or at CP=1: megatron's zigzag
+(``get_batch_on_this_cp_rank``'s split) and ``attention_mask`` = the ids (or None).
 
 TE path (``use_te=True``): THD packed sequences. All samples of the micro-batch are packed into
 one sequence (batch dim 1); every document is padded to a multiple of ``2*CP`` (TE's CP
@@ -28,12 +31,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
+from .cp_balance import balanced_order
 from .cp_layout import (CP_COMM_TYPES, PORTABLE_CP_COMM_TYPES, TE_THD_CP_SUPPORT, check_seq_length,
-                        split_zigzag, zigzag_positions)
+                        zigzag_positions)
 
-__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "prepare_batch", "split_zigzag", "thd_pack",
+__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "prepare_batch", "thd_pack",
            "thd_partition_indices", "validate_cp_config"]
 
 
@@ -239,16 +244,37 @@ def prepare_batch(batch: dict[str, torch.Tensor], *, cp_size: int = 1, cp_rank: 
     if cp_size > 1 and s % (2 * cp_size):
         raise ValueError(f"sequence length {s} must be divisible by 2 x context_parallel_size = {2 * cp_size}")
     doc_ids = batch.get("doc_ids")
-    positions = zigzag_positions(s, cp_size, cp_rank, device=tokens.device) if cp_size > 1 else \
-        torch.arange(s, device=tokens.device)
+    layout = doc_ids
+    if cp_size == 1:
+        index = torch.arange(s, device=tokens.device).expand(b, -1)
+    elif doc_ids is None:  # one document per sample: the balanced split is megatron's zigzag
+        index = zigzag_positions(s, cp_size, cp_rank, device=tokens.device).expand(b, -1)
+    else:
+        order = balanced_orders(doc_ids, cp_size)
+        local = s // cp_size
+        index = order[:, cp_rank * local:(cp_rank + 1) * local]
+        layout = torch.stack([doc_ids.to(order.dtype), order])
     return {
-        "tokens": split_zigzag(tokens, cp_size, cp_rank),
-        "labels": split_zigzag(batch["labels"], cp_size, cp_rank),
-        "loss_mask": split_zigzag(batch["loss_mask"], cp_size, cp_rank),
-        "position_ids": positions.unsqueeze(0).expand(b, -1),
-        "attention_mask": doc_ids,
+        "tokens": tokens.gather(1, index),
+        "labels": batch["labels"].gather(1, index),
+        "loss_mask": batch["loss_mask"].gather(1, index),
+        "position_ids": index,
+        "attention_mask": layout,
         "packed_seq_params": None,
     }
+
+
+def balanced_orders(doc_ids: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """``[B, S]`` long, on ``doc_ids``' device: each sample's ``cp_balance.balanced_order`` (decided
+    on the host from the document lengths: one device-to-host copy of the boundaries)."""
+    b, s = doc_ids.shape
+    rows, cols = torch.nonzero(doc_ids[:, 1:] != doc_ids[:, :-1], as_tuple=True)
+    rows, cols = rows.cpu().numpy(), cols.cpu().numpy() + 1
+    per_sample = np.split(cols, np.searchsorted(rows, np.arange(1, b)))  # nonzero is row-major
+    orders = np.empty((b, s), dtype=np.int64)
+    for i, inner in enumerate(per_sample):
+        orders[i] = balanced_order(np.diff(np.concatenate([[0], inner, [s]])), cp_size)
+    return torch.from_numpy(orders).to(doc_ids.device)
 
 
 def _prepare_thd(batch, *, cp_size, cp_rank, total_multiple, cp_group):

@@ -1,12 +1,14 @@
-"""Context-parallel layout, in one place: the zigzag split, the sequence-length rule, and which
-CP communication each attention path supports.
+"""Context-parallel layout, in one place: the zigzag split, the positions the portable attention
+derives from the balanced split (``flat_layout_positions``; the split itself: ``cp_balance``), the
+sequence-length rule, and which CP communication each attention path supports.
 
 Light on purpose (torch is imported inside the functions): the config checks use it before
 anything heavy is loaded, the attention backends and the batch split import it.
 
 Zigzag: the sequence is viewed as ``2*CP`` chunks of ``c = S / (2*CP)`` tokens; CP rank ``r``
 keeps chunks ``r`` and ``2*CP-1-r`` (megatron-core's ``get_batch_on_this_cp_rank`` split, which
-balances causal work and is the slice ``RotaryEmbedding`` takes of the RoPE table).
+balances causal work and is the slice ``RotaryEmbedding`` takes of the RoPE table). The portable
+path uses it for samples of one document; packed documents get ``cp_balance.balanced_order``.
 """
 
 from __future__ import annotations
@@ -94,9 +96,27 @@ def gathered_positions(seq_length: int, cp_size: int, device=None):
     return torch.cat([zigzag_positions(seq_length, cp_size, r, device) for r in range(cp_size)])
 
 
-def split_zigzag(x, cp_size: int, cp_rank: int, seq_dim: int = 1):
-    """This CP rank's two zigzag chunks of ``x`` along ``seq_dim``."""
-    if cp_size == 1:
-        return x
-    idx = zigzag_positions(x.shape[seq_dim], cp_size, cp_rank, device=x.device)
-    return x.index_select(seq_dim, idx)
+def flat_layout_positions(layout, cp_size: int, cp_rank: int):
+    """What the portable attention needs of a ``[2, B, S]`` layout (``prepare_batch``'s
+    ``attention_mask``: ``[0]`` document ids, ``[1]`` the token order, rank ``r`` holding
+    ``order[:, r*S/CP:(r+1)*S/CP]``), with the micro-batch seen as one sequence of ``B*S``
+    positions (sample ``b`` at ``b*S ...``; documents never span samples):
+
+    - query positions ``[S/CP * B]`` of this rank's tokens in megatron's ``[s, b]`` order;
+    - key positions ``[S * B]`` in the order of the all-gathered ``[CP * S/CP, b]`` keys;
+    - document ids ``[1, B*S]``: each position's document start (non-decreasing).
+    """
+    import torch
+
+    from ..attention.documents import document_starts
+
+    doc, order = layout[0], layout[1]
+    b, s = order.shape
+    local = s // cp_size
+    offset = torch.arange(b, device=order.device)[:, None] * s
+    flat = order + offset
+    k_pos = flat.view(b, cp_size, local).permute(1, 2, 0).reshape(-1)
+    q_pos = flat[:, cp_rank * local:(cp_rank + 1) * local].t().reshape(-1)
+    docs = (document_starts(doc, s, order.device) + offset).reshape(1, -1)
+    return q_pos, k_pos, docs
+

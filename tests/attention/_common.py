@@ -153,11 +153,12 @@ def run_model(model, batch, cp, cp_rank):
     return losses.detach()
 
 
-def gather_cp_losses(local: torch.Tensor, cp: int, seq: int) -> torch.Tensor:
-    """Per-token losses of the full sequence in global order, from every CP rank's local ones."""
+def gather_cp_losses(local: torch.Tensor, cp: int, seq: int, batch: dict) -> torch.Tensor:
+    """Per-token losses of the full sequence in global order, from every CP rank's local ones
+    (placed by the positions ``prepare_batch`` gives each rank for ``batch``)."""
     from megatron.core import parallel_state
 
-    from megatron_prolong.attention.portable import zigzag_positions
+    from megatron_prolong.parallel.context_parallel import prepare_batch
 
     if cp == 1:
         return local
@@ -165,7 +166,7 @@ def gather_cp_losses(local: torch.Tensor, cp: int, seq: int) -> torch.Tensor:
     dist.all_gather(parts, local.contiguous(), group=parallel_state.get_context_parallel_group())
     full = torch.empty(local.shape[0], seq, dtype=local.dtype)
     for r, part in enumerate(parts):
-        full[:, zigzag_positions(seq, cp, r)] = part
+        full.scatter_(1, prepare_batch(batch, cp_size=cp, cp_rank=r)["position_ids"], part)
     return full
 
 
@@ -259,3 +260,30 @@ def simulate_cp(attend, q, k, v, dout, cp: int):
         dk[:, :, k_pos] += k_g.grad.float()
         dv[:, :, k_pos] += v_g.grad.float()
     return out, dq, dk, dv
+
+
+def simulate_cp_layout(attend, q, k, v, dout, doc_ids, cp: int):
+    """``simulate_cp`` for ``prepare_batch``'s balanced layout: every sample split its own way,
+    the micro-batch seen as one sequence of ``b*S`` positions (``flat_layout_positions``, as the
+    attention module sees it). ``attend(q_r, k_g, v_g, q_pos, k_pos, docs)`` gets ``[1, h, ., d]``
+    tensors; the full-sequence output and gradients come back as ``[b, h, S, d]`` (fp32)."""
+    from megatron_prolong.parallel.context_parallel import balanced_orders
+    from megatron_prolong.parallel.cp_layout import flat_layout_positions
+
+    b, S = doc_ids.shape
+    layout = torch.stack([doc_ids.long(), balanced_orders(doc_ids, cp)])
+    flat = [t.transpose(0, 1).reshape(1, t.shape[1], b * S, t.shape[3]) for t in (q, k, v, dout)]
+    out, dq = torch.zeros_like(flat[0], dtype=torch.float32), torch.zeros_like(flat[0], dtype=torch.float32)
+    dk, dv = torch.zeros_like(flat[1], dtype=torch.float32), torch.zeros_like(flat[2], dtype=torch.float32)
+    for r in range(cp):
+        q_pos, k_pos, docs = flat_layout_positions(layout, cp, r)
+        q_r = flat[0][:, :, q_pos].detach().requires_grad_()
+        k_g = flat[1][:, :, k_pos].detach().requires_grad_()
+        v_g = flat[2][:, :, k_pos].detach().requires_grad_()
+        o = attend(q_r, k_g, v_g, q_pos, k_pos, docs)
+        o.backward(flat[3][:, :, q_pos])
+        out[:, :, q_pos] = o.detach().float()
+        dq[:, :, q_pos] = q_r.grad.float()
+        dk[:, :, k_pos] += k_g.grad.float()
+        dv[:, :, k_pos] += v_g.grad.float()
+    return [t.reshape(t.shape[1], b, S, t.shape[3]).transpose(0, 1) for t in (out, dq, dk, dv)]

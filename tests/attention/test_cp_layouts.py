@@ -74,7 +74,7 @@ def _rank_layouts():
         want = C.reference_grads_for_rank(model, ref_grads, spec.num_layers)
         results[f"{name}/grad_rel"] = C.rel_diff(grads, want)
         if local is not None:  # last pipeline stage
-            full = C.gather_cp_losses(local, cp, C.SEQ)
+            full = C.gather_cp_losses(local, cp, C.SEQ, batch)
             results[f"{name}/loss"] = C.max_diff(full, ref_losses)
     return results
 

@@ -63,7 +63,7 @@ def _rank_cp2():
             C.load_reference_weights(model, ref_state, spec.num_layers)
             cp_rank = parallel_state.get_context_parallel_rank()
             local = C.run_model(model, batch, 2, cp_rank)
-            full = C.gather_cp_losses(local, 2, C.SEQ)
+            full = C.gather_cp_losses(local, 2, C.SEQ, batch)
             grads = C.reduce_grads(model)
             results[f"{vname}/{name}/loss"] = C.max_diff(full, ref_losses)
             results[f"{vname}/{name}/grad_rel"] = C.rel_diff(grads, ref_grads)
@@ -71,8 +71,10 @@ def _rank_cp2():
     # ---- a CP rank whose tokens are all masked: finite losses, zero-safe sums, finite grads ----
     model, cfg, spec = C.build(cp=2)
     b = C.packed_batch(seed=1)
-    b["loss_mask"][:, :16] = 0
-    b["loss_mask"][:, 48:] = 0  # rank 0 holds chunks 0 and 3 -> nothing to learn there
+    from megatron_prolong.parallel.context_parallel import prepare_batch
+
+    # every token rank 0 holds is masked -> nothing to learn there
+    b["loss_mask"].scatter_(1, prepare_batch(b, cp_size=2, cp_rank=0)["position_ids"], 0.0)
     C.run_model(model, b, 2, parallel_state.get_context_parallel_rank())
     results["all_masked_finite"] = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
                                        if p.grad is not None)

@@ -16,7 +16,8 @@ from megatron_prolong.attention.flex import document_block_flags
 from megatron_prolong.attention.layout_cache import LayoutCache
 from megatron_prolong.attention.portable import document_attention, document_causal_mask
 from megatron_prolong.attention.varlen import sdpa_varlen_kernel, varlen_document_attention, varlen_plan
-from megatron_prolong.parallel.cp_layout import gathered_positions, zigzag_positions
+from megatron_prolong.parallel.context_parallel import balanced_orders as portable_balanced_orders
+from megatron_prolong.parallel.cp_layout import flat_layout_positions, gathered_positions, zigzag_positions
 from tests.dist import run_distributed
 
 from . import _common as C
@@ -205,6 +206,83 @@ def test_varlen_plan_without_doc_ids_and_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------------
+# The balanced CP layout (every sample split by its documents): kernels and the exact flex mask
+# ----------------------------------------------------------------------------------------------
+
+
+def _balanced_doc_ids(b, S, seed):
+    """Documents of every size class at CP=4: one long (spread over every rank), mid-sized (over a
+    few ranks), short ones (whole), 1-token ones."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(b):
+        lens = [S * 15 // 32, S * 5 // 32, S * 3 // 32] + [int(x) for x in torch.randint(1, S // 32, (8,), generator=g)]
+        lens.append(S - sum(lens))
+        lens = torch.tensor(lens)[torch.randperm(len(lens), generator=g)]
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), lens))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_balanced_layout_equals_full_sequence_attention(kernel):
+    S, b, cp = 128, 2, 4
+    q, k, v = _qkv(b=b, s=S, seed=7)
+    dout = torch.randn_like(q)
+    doc = _balanced_doc_ids(b, S, seed=3)
+    ref = C.blocked_reference(q, k, v, doc, 0.35, dout, block=64)
+
+    def attend(q_r, k_g, v_g, q_pos, k_pos, docs):
+        if kernel == "sdpa":
+            return document_attention(q_r, k_g, v_g, docs, q_pos=q_pos, k_pos=k_pos, softmax_scale=0.35, cache=False)
+        return varlen_document_attention(q_r, k_g, v_g, varlen_plan(docs, q_pos, k_pos, 1), 0.35, sdpa_varlen_kernel)
+
+    got = C.simulate_cp_layout(attend, q, k, v, dout, doc, cp)
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_flex_keys_in_position_order_with_the_exact_block_mask():
+    """flex_plan on the balanced layout: keys reordered to positions, every tile marked iff it
+    holds an allowed pair (full iff all its pairs are), the element mask the document-causal one,
+    and (eager flex_attention, forward: no CPU backward) the same output as SDPA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from megatron_prolong.attention.flex import flex_plan
+
+    S, b, cp = 384, 2, 4
+    doc = _balanced_doc_ids(b, S, seed=5)
+    q, k, v = _qkv(b=b, s=S, seed=2)
+    layout = torch.stack([doc, portable_balanced_orders(doc, cp)])
+    flat = [t.transpose(0, 1).reshape(1, t.shape[1], b * S, t.shape[3]) for t in (q, k, v)]
+    n = b * S
+    for r in range(cp):
+        q_pos, k_pos, docs = flat_layout_positions(layout, cp, r)
+        plan = flex_plan(docs, q_pos, k_pos)
+        assert plan.key_rows is not None and torch.equal(k_pos[plan.key_rows], torch.arange(n))
+        allowed = document_causal_mask(q_pos, torch.arange(n), docs)[0, 0]
+        nq, nk = -(-q_pos.numel() // 128), -(-n // 128)
+        tiles = torch.zeros(nq * 128, nk * 128, dtype=torch.bool)
+        tiles[:q_pos.numel(), :n] = allowed
+        tiles = tiles.view(nq, 128, nk, 128)
+        complete = torch.zeros(nq, nk, dtype=torch.bool)
+        complete[:q_pos.numel() // 128, :n // 128] = True
+        bm = plan.block_mask
+        full = _dense_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[0, 0]
+        marked = full | _dense_blocks(bm.kv_num_blocks, bm.kv_indices, nk)[0, 0]
+        assert torch.equal(marked, tiles.any(3).any(1)) and torch.equal(full, tiles.all(3).all(1) & complete)
+        i, j = torch.meshgrid(torch.arange(q_pos.numel()), torch.arange(n), indexing="ij")
+        assert torch.equal(bm.mask_mod(0, 0, i, j), allowed)
+        if r:
+            continue  # eager flex_attention is slow on CPU: one rank's output is enough
+        k_r, v_r = (t[:, :, k_pos].index_select(2, plan.key_rows) for t in flat[1:])
+        with torch.no_grad():
+            got = flex_attention(flat[0][:, :, q_pos], k_r, v_r, block_mask=bm, scale=0.35, enable_gqa=True)
+        want = document_attention(flat[0][:, :, q_pos], flat[1][:, :, k_pos], flat[2][:, :, k_pos], docs,
+                                  q_pos=q_pos, k_pos=k_pos, softmax_scale=0.35, cache=False)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backend choice and availability
 # ----------------------------------------------------------------------------------------------
 
@@ -247,3 +325,20 @@ def test_module_refuses_a_cuda_kernel_at_construction_on_cpu():
     with pytest.raises(backends.AttentionBackendUnavailable, match="varlen needs a CUDA GPU"):
         portable.PortableCoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pg, backend="varlen",
                                        device_type="cpu")
+
+
+def test_flex_plan_reads_the_device_only_under_cp():
+    """As if on CUDA: the flex plan of a CP-1 layer (keys are the queries) reads no value from the
+    device; the all-gathered CP keys cost the one read its docstring lists (docs/gpu.md)."""
+    from megatron_prolong.attention.flex import flex_plan
+    from megatron_prolong.platform.cuda_on_cpu import CUDA0, cuda_on_cpu
+
+    S, cp = 256, 2
+    doc = C.ragged_doc_ids(2, S, seed=3)
+    with cuda_on_cpu() as log:
+        pos = torch.arange(S, device=CUDA0)
+        flex_plan(doc.to(CUDA0), pos, pos)
+    assert log.syncs == [], log.syncs
+    with cuda_on_cpu() as log:
+        flex_plan(doc.to(CUDA0), zigzag_positions(S, cp, 0).to(CUDA0), gathered_positions(S, cp).to(CUDA0))
+    assert len(log.syncs) == 1, log.syncs

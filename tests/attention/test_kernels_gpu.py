@@ -1,7 +1,7 @@
 """The portable attention's CUDA kernels (flex, varlen, fa4) against a blocked fp32 reference, on
 document-packed batches with ragged documents at 4K-16K tokens, forward and backward, on the full
-sequence and with the zigzag CP layout simulated on one GPU. ``pytest -m gpu`` on a GPU machine
-(skipped elsewhere, with the reason, by tests/conftest.py).
+sequence and with the zigzag and the balanced CP layouts simulated on one GPU. ``pytest -m gpu``
+on a GPU machine (skipped elsewhere, with the reason, by tests/conftest.py).
 
 Tolerances: fp32 (flex only: the FlashAttention kernels take bf16/fp16) within 2e-4 of the
 largest reference value; bf16 at most 3x the error of the same reference computed in bf16, plus
@@ -97,6 +97,24 @@ def test_kernel_matches_reference_zigzag_cp(backend, cp):
     if backend == "flex":  # fp32 too, where the kernel takes it
         q, k, v, dout, doc = _inputs(1, 4096, 64, torch.float32, seed=cp)
         _check(_run(backend, q, k, v, doc, dout, 0.125, cp=cp), q, k, v, doc, dout, 0.125, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["flex", "varlen", "fa4"])
+@pytest.mark.parametrize("cp", [2, 8])
+def test_kernel_matches_reference_balanced_cp(backend, cp):
+    """The balanced split (prepare_batch's: pieces of each document, every sample its own way, the
+    micro-batch as one sequence), flex with its keys put in position order and the exact mask."""
+    _skip_unless_available(backend)
+    dtype = torch.bfloat16
+    q, k, v, dout, doc = _inputs(2, 8192, 128, dtype, seed=10 + cp)
+    scale = 1 / math.sqrt(128)
+
+    def attend(q_r, k_g, v_g, q_pos, k_pos, docs):
+        return document_attention(q_r, k_g, v_g, docs, q_pos=q_pos, k_pos=k_pos, softmax_scale=scale,
+                                  backend=backend)
+
+    portable.clear_caches()
+    _check(C.simulate_cp_layout(attend, q, k, v, dout, doc, cp), q, k, v, doc, dout, scale, dtype)
 
 
 def test_flex_failure_raises_instead_of_falling_back(monkeypatch):
