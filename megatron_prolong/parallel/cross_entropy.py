@@ -159,8 +159,10 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
             probs = _upcast(h @ weight.t()).sub_(lses[s:e, None]).exp_()
             t = target[s:e]
             in_shard = (t >= vocab_start) & (t < vocab_end)
-            rows = torch.nonzero(in_shard).flatten()
-            probs[rows, (t[rows] - vocab_start)] -= 1.0
+            # minus one-hot on this shard's vocabulary: a scatter, not indexing by nonzero() (a host
+            # sync per chunk on a GPU, and data-dependent shapes a dry run cannot follow)
+            local_t = (t - vocab_start).clamp(0, probs.shape[-1] - 1)
+            probs.scatter_add_(1, local_t[:, None], in_shard[:, None].to(probs.dtype).neg())
             g = probs.mul_(grad_losses[s:e, None]).to(weight.dtype)
             del probs
             if grad_hidden is not None:
