@@ -97,7 +97,13 @@ def dry_run(cfg: Config, world_size: int, rank: int | str = 0, log=print) -> Dry
     observer.flop_counter = flop_counter = _flop_counter()
     with fake, flop_counter, observer, _observed_step(observer, model, optimizer):
         observer.phase = "step"
-        out = one_step(cfg, run, model, optimizer, scheduler, dataset, order, TrainResult())
+        try:
+            out = one_step(cfg, run, model, optimizer, scheduler, dataset, order, TrainResult())
+        except Exception as e:
+            if observer.host_syncs:  # a check on values may have failed on a made-up one
+                e.add_note("dry run: device values read on the host so far (answered 0 / False, there are no "
+                           "values): " + ", ".join(observer.host_syncs))
+            raise
     seconds["step"] = time.time() - t1
     t = cfg.train
     return DryRunResult(
