@@ -5,7 +5,8 @@
         checkpoint.save_dir=/ckpt/stage1 train.steps=5000
 
 Everything after ``--config`` is a dotted override (``section.field=value``); see
-``megatron_prolong/config.py`` for every field.
+``megatron_prolong/config.py`` for every field. ``--dry-run --world-size N`` runs one step of one
+rank of that N-GPU job on this machine's CPU with fake tensors (docs/dry_run.md).
 """
 
 import argparse
@@ -21,7 +22,14 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit (nothing is started)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="one step of one rank of the job on fake tensors, no GPU (see the options below)")
+    from megatron_prolong.tools import dry_run
+
+    dry_run.add_arguments(parser.add_argument_group("dry run"))
     args = parser.parse_args(argv)
+    if args.dry_run:
+        return dry_run.run(args.config, args.overrides, args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -32,7 +32,7 @@ setup(
     entry_points={"console_scripts": [
         f"prolong-{name.replace('_', '-')}=megatron_prolong.tools.{name}:main"
         for name in ("mds_to_indexed", "tokenize_to_indexed", "make_sft_data", "make_demo_data",
-                     "convert_checkpoint", "checkpoint_info", "evaluate", "plan_memory")
+                     "convert_checkpoint", "checkpoint_info", "evaluate", "plan_memory", "dry_run")
     ]},
     extras_require={
         # The real Llama-3 tokenizer (tokenizer.json) ships inside this package: usable offline.

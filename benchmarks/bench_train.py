@@ -24,14 +24,8 @@ of ``S`` tokens, micro-batch 1):
   gradient checkpointing per layer, ProLong's logits in 2,048-token checkpointed blocks, and the
   same document masks (flex_attention block mask, else SDPA with a 4-D boolean mask).
 
-FLOPs (model FLOPs: recompute not counted; training = 3 x forward) per sample of ``S`` tokens,
-``L`` layers, hidden ``h``, FFN ``f``, KV width ``kv``, ``H`` heads of ``d``, vocabulary ``V``:
-
-    dense     = 3 * 2 * S * (L * (h*(h + 2*kv) + h*h + 3*h*f) + h*V)
-    attention = 3 * 4 * d * H * L * pairs
-    pairs     = sum over documents n*(n+1)/2   (document-masked: what the kernels must compute)
-              = S*(S+1)/2                     (causal-dense: what published MFU figures count)
-
+FLOPs: ``megatron_prolong.flops.training_flops`` (model FLOPs: recompute not counted; training =
+3 x forward; document-masked and causal-dense attention pairs).
 MFU = FLOPs / step time / ``--peak-tflops`` (H100 SXM dense bf16: 989).
 """
 
@@ -54,6 +48,7 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_prolong.flops import training_flops
 from megatron_prolong.memory_plan import GiB, Layout, MemoryOptions, estimate
 from megatron_prolong.models.registry import ModelSpec, get_model_spec
 
@@ -145,25 +140,6 @@ class LengthMixDataset:
         loss_mask[starts[1:] - 1] = 0.0  # position i predicts token i+1: never across documents
         cu = np.concatenate([starts, [self.seq_length]]).astype(np.int32)
         return {"tokens": stream[:-1], "labels": stream[1:], "loss_mask": loss_mask, "cu_seqlens": cu}
-
-
-# ------------------------------------------------------------------------------------------------
-# FLOPs
-# ------------------------------------------------------------------------------------------------
-
-
-def training_flops(spec: ModelSpec, seq_length: int, samples: list[list[int]]) -> dict:
-    """Model FLOPs of one pass (forward + backward) over ``samples`` (each a list of document
-    lengths summing to ``seq_length``); see the module doc for the formula."""
-    h, f, V, L = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size, spec.num_layers
-    kv = spec.num_query_groups * spec.head_dim
-    tokens = seq_length * len(samples)
-    dense = 3 * 2 * tokens * (L * (h * (h + 2 * kv) + h * h + 3 * h * f) + h * V)
-    per_pair = 3 * 4 * spec.head_dim * spec.num_attention_heads * L
-    doc_pairs = sum(n * (n + 1) // 2 for docs in samples for n in docs)
-    causal_pairs = len(samples) * seq_length * (seq_length + 1) // 2
-    return {"tokens": tokens, "dense": dense, "doc_pairs": doc_pairs, "causal_pairs": causal_pairs,
-            "doc": dense + per_pair * doc_pairs, "causal": dense + per_pair * causal_pairs}
 
 
 # ------------------------------------------------------------------------------------------------

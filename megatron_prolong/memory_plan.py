@@ -10,8 +10,10 @@ Formulas (documented with their derivation in docs/long_context.md; all per GPU,
   from what megatron's local layer + PortableCoreAttention actually save for backward (measured
   with ``saved_tensors_hooks``, see tests/attention/test_memory_plan.py):
 
-    norm part   ``6h + 2``                  (two RMSNorms: input, normalised, rstd; the linear inputs)
-                                             divided by tp only with sequence parallelism
+    norm part   ``4h + 4`` (fused)           (two RMSNorms: input, fp32 rstd; the linear inputs)
+                ``6h + 2`` (composite)       (+ the normalised copy, rstd in the activations' dtype)
+                                             divided by tp only with sequence parallelism. Fused:
+                                             torch's CUDA RMSNorm and TE's; composite: torch's on CPU
     TP part     ``5h + 3*kv + 4*f + heads``  (q, k, v(+qkv out), attention out, lse, proj input,
                                              fc1 out, SwiGLU, fc2 input), divided by tp
     gathered KV ``2*kv*cp / tp`` per local token when cp > 1 (K, V of the whole sequence)
@@ -21,12 +23,19 @@ Formulas (documented with their derivation in docs/long_context.md; all per GPU,
   only each layer's input (``h``, /tp with SP) plus one layer's activations while recomputing.
 - 1F1B pipeline: the first stage keeps ``min(pp, num_microbatches)`` micro-batches in flight, i.e.
   about ``L`` layers' worth of activations whatever ``pp`` is.
-- loss head (``logits``), peak on the last stage beyond the saved activations: unchunked
+- sequence parallelism's all-gather buffer: megatron's linears gather their input into one
+  persistent buffer (its global memory buffer), ``T * h * a`` for the whole run (TP > 1 with SP).
+- loss head (``logits``), peak on the last stage beyond the layers' saved activations. What it keeps
+  from forward: the final norm's input (``h``, /tp with SP; a composite norm also its normalised
+  copy) and the output layer's input - the whole sequence (``h``, gathered over TP with
+  SP) for the chunked loss, megatron's shard (``h``, /tp with SP) for its own output layer - both
+  released before the layers run backward. Then unchunked
   ``T * V/tp * (a_bytes + 4 + 4)`` (output-layer logits, fp32 copy, exp kept for backward); chunked
   (parallel/cross_entropy.py, whose backward is the peak):
   ``16 T`` (lse + loss kept from forward to backward, the int64 labels in token order)
-  ``+ T * h * a * (1 + 1/tp with SP)`` (d hidden of the gathered sequence, and its reduce-scattered
-  shard) ``+ max(N * (V/tp * (4 + a) + h * a), V/tp * h * w_bytes)``: one chunk's fp32 buffer
+  ``+ T * h * a`` (d hidden of the gathered sequence; its reduce-scattered shard comes after the
+  chunk loop, once the gathered input is released)
+  ``+ max(N * (V/tp * (4 + a) + h * a), V/tp * h * w_bytes)``: one chunk's fp32 buffer
   (logits turned in place into softmax and d logits) plus the chunk in the weights' dtype (the GEMM
   output, then d logits; the same tensor when that dtype is fp32, so ``+ a`` only for a < 4) and
   its d hidden, or, after the chunk loop, the dummy weight gradient handed to autograd while the
@@ -98,6 +107,7 @@ class MemoryOptions:
     distributed_optimizer: bool = True
     overhead_gib: float = 3.0
     checkpoint_window_bytes: int = 256 * 2**20  # = training/optimizer_state.STAGING_WINDOW_BYTES
+    fused_norm: bool = True  # RMSNorm keeps its input and an fp32 rstd (GPU); False: also its normalised output (CPU)
 
 
 @dataclass
@@ -156,7 +166,7 @@ def activation_elems_per_token_layer(spec, layout: Layout, opt: MemoryOptions, s
     heads = spec.num_attention_heads
     tp, cp = layout.tp, layout.cp
     sp = opt.sequence_parallel and tp > 1
-    norm = (6 * h + 2) / (tp if sp else 1)
+    norm = 2 * ((2 * h + 4 / opt.act_bytes) if opt.fused_norm else (3 * h + 1)) / (tp if sp else 1)
     tp_part = (5 * h + 3 * kv + 4 * f + heads) / tp
     gathered = (2 * kv * cp / tp) if cp > 1 else 0.0
     if opt.attention_backend in ("varlen", "fa4"):
@@ -175,10 +185,9 @@ def loss_head_bytes(spec, layout: Layout, opt: MemoryOptions, local_tokens: int,
     h, Vt, a, T = spec.hidden_size, spec.vocab_size / layout.tp, opt.act_bytes, local_tokens
     if not (opt.loss_chunk_tokens and opt.loss_chunk_tokens > 0):
         return T * Vt * (a + 4 + 4)
-    sp = opt.sequence_parallel and layout.tp > 1
     chunk = min(opt.loss_chunk_tokens, T) * (Vt * (4 + (a if a < 4 else 0)) + h * a)
     dummy_wgrad = Vt * h * opt.weight_bytes
-    grad_hidden = T * h * a * (1 + (1 / layout.tp if sp else 0))
+    grad_hidden = T * h * a  # (its reduce-scattered shard comes once the gathered input is released)
     if not ddp:  # the fp32 buffer lives through the chunk loop, then is cast to the weights' dtype
         wgrad = Vt * h * 4
         return 16 * T + grad_hidden + wgrad + max(chunk, dummy_wgrad if opt.weight_bytes < 4 else 0)
@@ -235,15 +244,21 @@ def estimate(spec, layout: Layout, opt: MemoryOptions) -> MemoryEstimate:
     else:
         raise ValueError(f"recompute must be none, selective or full, not {opt.recompute!r}")
     activations = in_flight * per_mb + transient
-    # final norm + output-layer input on the last stage
-    activations += T * a * (3 * spec.hidden_size / (layout.tp if opt.sequence_parallel and layout.tp > 1 else 1))
-    logits = loss_head_bytes(spec, layout, opt, T)
+    h, sp = spec.hidden_size, opt.sequence_parallel and layout.tp > 1
+    if sp:  # megatron's sequence-parallel all-gather buffer
+        activations += T * a * h
+    # What the loss head keeps from forward (module doc): the final norm's input and the output
+    # layer's input, released before the layers' backward.
+    norm_kept = h if opt.fused_norm else 2 * h
+    loss_inputs = T * a * (norm_kept / (layout.tp if sp else 1)
+                           + (h if opt.loss_chunk_tokens else h / (layout.tp if sp else 1)))
+    logits = loss_head_bytes(spec, layout, opt, T) + loss_inputs
     backward = T * a * layer_backward_elems_per_token(spec, layout, opt)
     return MemoryEstimate(layout, P, weights, grads, optimizer, activations, kv_resident, logits, backward,
                           opt.overhead_gib * GiB,
                           detail={"local_tokens": T, "elems_per_token_layer": e, "transient_layer_bytes": transient,
                                   "full_layer_bytes": full_layer, "in_flight_microbatches": in_flight,
-                                  "checkpoint_host_bytes": optimizer},
+                                  "checkpoint_host_bytes": optimizer, "loss_inputs_bytes": loss_inputs},
                           checkpoint_staging=float(opt.checkpoint_window_bytes))
 
 

@@ -24,7 +24,7 @@ def _tiny_runs():
             mb = prepare_batch(C.packed_batch(seed=0, seq=S, doc_lengths=[[S], [S // 2, S // 2]]))
             opt = MemoryOptions(seq_length=S, micro_batch_size=2, num_microbatches=1, sequence_parallel=False,
                                 recompute=rec, loss_chunk_tokens=32, attention_backend="sdpa", act_bytes=4,
-                                weight_bytes=4, overhead_gib=0)
+                                weight_bytes=4, overhead_gib=0, fused_norm=False)  # torch's RMSNorm on CPU
             yield rec, S, model, mb, estimate(spec, Layout(), opt)
 
 
@@ -39,9 +39,10 @@ def _rank_measure():
     rows = []
     for rec, S, model, mb, est in _tiny_runs():
         measured = measure_saved_activation_bytes(model, lambda: _forward(model, mb))
-        # saved-for-backward = resident activations + what the loss head keeps (lse, loss: 8 B/token)
+        # saved-for-backward = resident activations + what the loss head keeps: the final norm's and
+        # the output layer's inputs, lse and loss (8 B/token)
         transient = est.detail["full_layer_bytes"] if rec == "full" else 0
-        predicted = est.activations - transient + 8 * est.detail["local_tokens"]
+        predicted = est.activations - transient + est.detail["loss_inputs_bytes"] + 8 * est.detail["local_tokens"]
         rows.append((rec, S, measured, predicted))
     return rows
 

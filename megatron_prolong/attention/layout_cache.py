@@ -28,7 +28,9 @@ def tensor_key(t: Optional[torch.Tensor]) -> tuple:
         return ("none",)
     # Inference tensors have no version counter; they cannot be written outside inference mode.
     version = -1 if t.is_inference() else t._version
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+    # The storage's identity (its StorageImpl), which fake tensors have too; equivalent to its
+    # address for real ones while the entry keeps it alive.
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
             str(t.device), version)
 
 

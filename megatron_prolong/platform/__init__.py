@@ -2,7 +2,9 @@
 
 ``init_platform`` must run before megatron-core builds models or process groups. On CUDA it
 only picks the device; on CPU it installs the shims of ``cpu.py`` that let megatron-core run
-unmodified. Nothing here changes the CUDA path.
+unmodified. Nothing here changes the CUDA path. A dry run (``dry_run.install``) makes this
+process one rank of a GPU job on fake tensors: the run decides as on CUDA, the tensors live on
+``meta`` and the process group is torch's fake one.
 
 This package is the only place that asks torch whether CUDA exists or which optional GPU
 packages import; the run record (``training/run.py``) turns the answers into decisions once.
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 _DEVICE: str | None = None
+_DRY_RUN = False
+"""Set by ``dry_run.install``: a simulated GPU rank (fake tensors on ``meta``, fake process group)."""
 
 
 class PlatformError(RuntimeError):
@@ -29,11 +33,14 @@ class PlatformError(RuntimeError):
 def cuda_available() -> bool:
     import torch
 
-    return torch.cuda.is_available()
+    return _DRY_RUN or torch.cuda.is_available()
 
 
 def te_version() -> tuple[int, int] | None:
-    """(major, minor) of an importable Transformer Engine, else None."""
+    """(major, minor) of an importable Transformer Engine, else None (also in a dry run: TE's
+    kernels cannot run on fake tensors, so it simulates the portable path)."""
+    if _DRY_RUN:
+        return None
     try:
         import transformer_engine
     except ImportError:
@@ -49,7 +56,7 @@ def fused_wgrad_available() -> bool:
     for ``gradient_accumulation_fusion``; megatron checks the same import."""
     from megatron.core.tensor_parallel import layers
 
-    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+    return not _DRY_RUN and bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -75,7 +82,8 @@ def init_platform(device: str = "auto") -> str:
             raise RuntimeError(f"platform already initialised for {_DEVICE}, cannot switch to {device}")
         return _DEVICE
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not _DRY_RUN:  # (the dry run's shims are in place already)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         from . import cpu
 
@@ -85,11 +93,13 @@ def init_platform(device: str = "auto") -> str:
 
 
 def current_device() -> torch.device:
-    """The torch device tensors of this rank live on."""
+    """The torch device tensors of this rank live on (``meta`` in a dry run)."""
     import torch
 
     if _DEVICE is None:
         raise RuntimeError("call megatron_prolong.platform.init_platform() first")
+    if _DRY_RUN:
+        return torch.device("meta")
     return torch.device("cuda", torch.cuda.current_device()) if _DEVICE == "cuda" else torch.device("cpu")
 
 
@@ -98,16 +108,20 @@ def is_cpu() -> bool:
 
 
 def is_cuda() -> bool:
-    return _DEVICE == "cuda"
+    return _DEVICE == "cuda" and not _DRY_RUN
 
 
 def synchronize(device: torch.device) -> None:
     """Block the host until the work queued on ``device`` is done (nothing to wait for on the CPU)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def dist_backend() -> str:
+    if _DRY_RUN:
+        return "fake"
     return "nccl" if _DEVICE == "cuda" else "gloo"
 
 
@@ -121,7 +135,7 @@ def seed_model_parallel_rng(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if _DEVICE == "cuda":
+    if is_cuda():
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -137,7 +151,7 @@ def rng_states() -> dict:
     import torch
     from megatron.core import tensor_parallel
 
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if _DEVICE == "cuda" else None,
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if is_cuda() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
@@ -147,7 +161,7 @@ def set_rng_states(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and _DEVICE == "cuda":
+    if state["cuda"] is not None and is_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 

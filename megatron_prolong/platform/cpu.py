@@ -4,13 +4,14 @@ Active only when ``init_platform`` chose the CPU (no GPU, or asked for). What is
 
 - ``torch.cuda.current_device()`` and tensors created with ``device="cuda"``/``0`` inside
   megatron-core: a ``TorchFunctionMode`` rewrites the device of factory calls and ``.to()``;
-- ``Tensor.cuda()`` returns the tensor; ``torch.cuda.synchronize`` / ``empty_cache`` / streams /
-  events become no-ops;
+- ``Tensor.cuda()`` moves to that device (a no-op on CPU); ``torch.cuda.synchronize`` /
+  ``empty_cache`` / streams / events become no-ops;
 - ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names, which the distributed optimizer checks;
 - the CUDA RNG tracker is replaced by one that keeps CPU generator states (dropout forks,
   activation recompute).
 
 gloo (torch >= 2.6) has the tensor collectives megatron-core uses, so nothing else is needed.
+The dry run (``dry_run.py``) installs the same shims with ``meta`` as the device CUDA becomes.
 """
 
 from __future__ import annotations
@@ -21,39 +22,42 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
-_CPU = torch.device("cpu")
 
 
-def _to_cpu_device(device):
+def _redirect(device, target: torch.device):
+    """``device`` with CUDA (a name, an index or a torch.device) replaced by ``target``."""
     if device is None:
         return None
     if isinstance(device, int):
-        return _CPU
+        return target
     if isinstance(device, str):
-        return _CPU if device.startswith("cuda") else device
+        return target if device.startswith("cuda") else device
     if isinstance(device, torch.device) and device.type == "cuda":
-        return _CPU
+        return target
     return device
 
 
 _CUDA_TYPE_NAMES = {
-    "torch.FloatTensor": "torch.cuda.FloatTensor",
-    "torch.HalfTensor": "torch.cuda.HalfTensor",
-    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    f"torch.{prefix}{kind}Tensor": f"torch.cuda.{kind}Tensor"
+    for prefix in ("", "meta.") for kind in ("Float", "Half", "BFloat16")
 }
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to the CPU for every torch call made while active."""
+class _CudaRedirectMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to ``target`` for every torch call made while active."""
+
+    def __init__(self, target: torch.device):
+        super().__init__()
+        self.target = target
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs:
-            kwargs["device"] = _to_cpu_device(kwargs["device"])
+            kwargs["device"] = _redirect(kwargs["device"], self.target)
         if kwargs.get("pin_memory"):  # needs a CUDA driver (megatron's get_pos_emb_on_this_cp_rank)
             kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, int, torch.device)):
-            args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+            args = (args[0], _redirect(args[1], self.target)) + tuple(args[2:])
         if func in (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad):
             return _run_backward_with_mode(self, func, args, kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -182,11 +186,12 @@ class _NoEvent(_NoStream):
         return 0.0
 
 
-def install() -> None:
-    """Install the shims for this process. Idempotent."""
+def install(target: str = "cpu") -> None:
+    """Install the shims for this process, CUDA becoming ``target``. Idempotent."""
     global _INSTALLED
     if _INSTALLED:
         return
+    device = torch.device(target)
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: 0
@@ -199,7 +204,7 @@ def install() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.manual_seed = lambda seed: None
     torch.cuda.manual_seed_all = lambda seed: None
-    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
 
     # Activation recompute saves and restores "the CUDA RNG state": make that the CPU one.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
@@ -208,5 +213,5 @@ def install() -> None:
     mrandom.initialize_rng_tracker = lambda *a, **k: None
 
     torch.overrides._get_current_function_mode  # noqa: B018 - fail early if torch lacks modes
-    _CudaToCpuMode().__enter__()
+    _CudaRedirectMode(device).__enter__()
     _INSTALLED = True

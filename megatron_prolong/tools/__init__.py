@@ -11,6 +11,7 @@
 - ``checkpoint_info``: what a save dir holds; ``--verify`` reads every tensor
 - ``evaluate``: perplexity by position and needle retrieval of a checkpoint
 - ``plan_memory``: per-GPU memory of a layout, and layouts that fit
+- ``dry_run``: one step of one rank of a GPU job on this CPU, fake tensors (memory, FLOPs, collectives)
 """
 
 from ..platform import quiet_known_warnings
@@ -20,4 +21,4 @@ from ..platform import quiet_known_warnings
 quiet_known_warnings()
 
 TOOLS = ("mds_to_indexed", "tokenize_to_indexed", "make_sft_data", "make_demo_data", "convert_checkpoint",
-         "checkpoint_info", "evaluate", "plan_memory")
+         "checkpoint_info", "evaluate", "plan_memory", "dry_run")

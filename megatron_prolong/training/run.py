@@ -139,7 +139,8 @@ class Run:
 
     @property
     def on_cuda(self) -> bool:
-        return self.device.type == "cuda"
+        """The run is a GPU run (its decisions are CUDA's; a dry run's tensors are fake)."""
+        return self.decisions.device_type == "cuda"
 
 
 def spec_checkpoint(cfg: Config) -> Optional[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -65,9 +67,12 @@ def build_model_chunk(cfg: Config, run: Run):
         use_te=run.use_te,
         attention_backend=run.decisions.attention_backend,
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
-        device_type=run.device.type,
+        device_type=run.decisions.device_type,
     )
-    return model.to(run.device)
+    # Only when needed: a dry run's fake parameters are built on its device and cannot be swapped.
+    if any(t.device != run.device for t in itertools.chain(model.parameters(), model.buffers())):
+        model = model.to(run.device)
+    return model
 
 
 def build_model(cfg: Config, run: Run) -> list[DistributedDataParallel]:

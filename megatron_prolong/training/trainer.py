@@ -53,14 +53,14 @@ def train(cfg: Config) -> TrainResult:
                       spike_factor=t.loss_spike_factor, spike_window=t.loss_spike_window,
                       consecutive_skipped=restored.consecutive_skipped)
 
-    order = _batch_order(cfg, dataset)
+    order = batch_order(cfg, dataset)
     result = TrainResult(iteration=restored.iteration, consumed_samples=restored.consumed_samples)
     advice = _LeadAdvice(log, cfg.checkpoint.exit_on_signal, already_given=bool(restored.timing))
     # Leaving the block waits for a background save; an exception abandons it, incomplete.
     with PreemptionSignal(enabled=cfg.checkpoint.exit_on_signal) as preempt, \
             peer_failures_reported(t.collective_timeout_minutes), checkpointer.saving():
         while result.iteration < t.steps:
-            out = _one_step(cfg, run, model, optimizer, scheduler, dataset, order, result)
+            out = one_step(cfg, run, model, optimizer, scheduler, dataset, order, result)
             log.step(result.iteration, out.loss, out.lr, out.grad_norm, t.global_batch_size * t.seq_length,
                      out.skipped)
             guard.record(result.iteration, out, consumed_before=result.consumed_samples - t.global_batch_size)
@@ -89,7 +89,7 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def _one_step(cfg: Config, run: Run, model, optimizer, scheduler, dataset, order, result: TrainResult):
+def one_step(cfg: Config, run: Run, model, optimizer, scheduler, dataset, order, result: TrainResult):
     """The next global batch through forward, backward and the (guarded) optimizer step."""
     t = cfg.train
     batches = faults.inject(result.iteration + 1, step_batches(cfg, run, dataset, result.consumed_samples, order))
@@ -116,7 +116,7 @@ def step_batches(cfg: Config, run: Run, dataset, consumed_samples: int,
                          use_te=run.use_te, tp_size=p.tensor, sequence_parallel=p.sequence_parallel)
 
 
-def _batch_order(cfg: Config, dataset) -> Optional[Callable]:
+def batch_order(cfg: Config, dataset) -> Optional[Callable]:
     if not cfg.data.length_sorted:
         return None
     from ..data import order_global_batch
