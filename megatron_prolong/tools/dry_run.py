@@ -1,8 +1,8 @@
 """Dry run: one training step of one rank of the real job, on a CPU, with fake tensors.
 
-    python -m megatron_prolong.tools.dry_run --config examples/prolong_512k.yaml --world-size 64
+    python tools/dry_run.py --config examples/prolong_512k.yaml --world-size 64
     python pretrain_prolong.py --config examples/prolong_64k.yaml --dry-run --world-size 64 --rank last
-    python -m megatron_prolong.tools.dry_run --config examples/prolong_512k.yaml --world-size 8 parallel.context=4
+    python tools/dry_run.py --config examples/prolong_512k.yaml --world-size 8 parallel.context=4
 
 Builds the recipe's model, optimizer and batch for rank ``--rank`` (default 0; ``last``: the
 first rank of the last pipeline stage, which holds the loss) of a ``--world-size``-GPU job and
