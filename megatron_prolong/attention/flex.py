@@ -62,6 +62,14 @@ def flex_attention_compiled():
     return _COMPILED[COMPILE_BACKEND]
 
 
+def run_flex_uncompiled() -> None:
+    """Call torch's flex_attention op itself from now on. For the dry run only: on fake tensors the
+    op gives its output's shape and allocates no scores, and torch.compile is off there."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _COMPILED[COMPILE_BACKEND] = flex_attention
+
+
 def _block_min_max(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block min and max along the last dim; the padding of a cut last block is ignored."""
     pad = -x.shape[-1] % block
@@ -147,17 +155,23 @@ class FlexPlan:
     when they already are in order, or when the general mask is used."""
 
 
-def flex_plan(doc_ids: Optional[torch.Tensor], q_pos: torch.Tensor, k_pos: torch.Tensor) -> FlexPlan:
+def flex_plan(doc_ids: Optional[torch.Tensor], q_pos: torch.Tensor, k_pos: torch.Tensor, *,
+              whole_keys: bool = False) -> FlexPlan:
     """Keys that are the whole sequence (any order, e.g. all-gathered over CP) and documents that
     are runs of ids are put in position order, with the exact mask (``ordered_keys_block_mask``);
     anything else gets the block-statistics mask on the keys as given (``document_block_mask``).
-    One host sync, except when the keys are the queries (CP 1): they are in order already and the
-    block statistics are exact for runs of ids, so no value is read."""
+
+    ``whole_keys``: the caller knows the keys are every position once and the documents runs (the
+    balanced CP split's layout, by construction). Without it the plan checks, reading one value
+    on the host, except when the keys are the queries (CP 1): in order already, where the block
+    statistics are exact for runs of ids."""
     from .documents import position_rows
 
     if k_pos is q_pos:
         return FlexPlan(document_block_mask(q_pos, k_pos, doc_ids), None)
     rows, whole = position_rows(k_pos)
+    if whole_keys:
+        return FlexPlan(ordered_keys_block_mask(q_pos, doc_ids, k_pos.numel()), rows)
     in_order = (rows == torch.arange(rows.numel(), device=rows.device)).all()
     runs = torch.ones((), dtype=torch.bool, device=k_pos.device) if doc_ids is None \
         else (doc_ids[:, 1:] >= doc_ids[:, :-1]).all().to(k_pos.device)

@@ -160,6 +160,7 @@ def document_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     cache: bool = True,
+    whole_keys: bool = False,
 ) -> torch.Tensor:
     """Masked attention on ``[b, h, s, d]`` tensors (K/V may have fewer, GQA, heads).
 
@@ -167,7 +168,9 @@ def document_attention(
     document ids indexed by global position (None: one document), on any device.
     ``cache``: reuse the mask / block mask / cu_seqlens prepared for the same ``doc_ids``,
     ``q_pos`` and ``k_pos`` storages (``layout_cache``); pass the same position tensors every
-    layer to benefit. Errors of a kernel propagate: there is no silent fallback to a dense mask.
+    layer to benefit. ``whole_keys``: ``k_pos`` is every position once and ``doc_ids`` runs of
+    ids (the balanced CP layout): flex then needs no check of its own (``flex.flex_plan``).
+    Errors of a kernel propagate: there is no silent fallback to a dense mask.
     """
     kind = resolve_backend(backend, q.device.type, dropout_p)
     if kind in CUDA_ONLY and q.device.type == "cpu":  # (a dry run's stand-in device is "meta")
@@ -181,7 +184,7 @@ def document_attention(
     try:
         if kind == "flex":
             plan = _cached("flex", cache, doc_ids, q_pos, k_pos, b, q.device,
-                           lambda: flex_plan(_on(doc_ids, q.device), q_pos, k_pos))
+                           lambda: flex_plan(_on(doc_ids, q.device), q_pos, k_pos, whole_keys=whole_keys))
             if plan.key_rows is not None:  # keys in position order: the exact, tighter block mask
                 k, v = k.index_select(2, plan.key_rows), v.index_select(2, plan.key_rows)
             return flex_document_attention(q, k, v, plan.block_mask, softmax_scale)
@@ -315,7 +318,8 @@ class PortableCoreAttention(MegatronModule):
         s_local, b = query.shape[0], query.shape[1]
         q, k, v = (t.reshape(t.shape[0] * b, t.shape[2], t.shape[3]).transpose(0, 1)[None]
                    for t in (query, key, value))
+        # k_pos is every position once and docs are runs, by construction (flat_layout_positions)
         out = document_attention(q, k, v, docs, q_pos=q_pos, k_pos=k_pos, softmax_scale=self.softmax_scale,
-                                 dropout_p=dropout_p, backend=self.backend)
+                                 dropout_p=dropout_p, backend=self.backend, whole_keys=True)
         # [1, h, s*b, d] -> [s, b, h*d]
         return out[0].transpose(0, 1).reshape(s_local, b, -1)

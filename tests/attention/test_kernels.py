@@ -327,18 +327,30 @@ def test_module_refuses_a_cuda_kernel_at_construction_on_cpu():
                                        device_type="cpu")
 
 
-def test_flex_plan_reads_the_device_only_under_cp():
-    """As if on CUDA: the flex plan of a CP-1 layer (keys are the queries) reads no value from the
-    device; the all-gathered CP keys cost the one read its docstring lists (docs/gpu.md)."""
+def test_flex_plan_reads_no_device_value_when_the_keys_are_known():
+    """As if on CUDA: the flex plan of a CP-1 layer (keys are the queries) and of the balanced
+    layout (``whole_keys``: every position once, by construction) reads no value from the device,
+    and the latter is the plan the checked path builds; other keys cost the one read listed."""
     from megatron_prolong.attention.flex import flex_plan
     from megatron_prolong.platform.cuda_on_cpu import CUDA0, cuda_on_cpu
 
     S, cp = 256, 2
-    doc = C.ragged_doc_ids(2, S, seed=3)
+    doc = _balanced_doc_ids(2, S, seed=3)
+    layout = torch.stack([doc, portable_balanced_orders(doc, cp)])
+    q_pos, k_pos, docs = flat_layout_positions(layout, cp, 1)
+    checked = flex_plan(docs, q_pos, k_pos)
     with cuda_on_cpu() as log:
         pos = torch.arange(S, device=CUDA0)
         flex_plan(doc.to(CUDA0), pos, pos)
-    assert log.syncs == [], log.syncs
-    with cuda_on_cpu() as log:
-        flex_plan(doc.to(CUDA0), zigzag_positions(S, cp, 0).to(CUDA0), gathered_positions(S, cp).to(CUDA0))
-    assert len(log.syncs) == 1, log.syncs
+        known = flex_plan(docs.to(CUDA0), q_pos.to(CUDA0), k_pos.to(CUDA0), whole_keys=True)
+        assert log.syncs == [], log.syncs
+        flex_plan(docs.to(CUDA0), q_pos.to(CUDA0), k_pos.to(CUDA0))
+        assert len(log.syncs) == 1, log.syncs
+        rows, bm = known.key_rows.cpu(), known.block_mask
+        pairs = [(bm.kv_num_blocks, checked.block_mask.kv_num_blocks), (bm.kv_indices, checked.block_mask.kv_indices),
+                 (bm.full_kv_num_blocks, checked.block_mask.full_kv_num_blocks),
+                 (bm.full_kv_indices, checked.block_mask.full_kv_indices)]
+        got = [(a.cpu(), b) for a, b in pairs]
+    assert torch.equal(rows, checked.key_rows)
+    for a, b in got:
+        assert torch.equal(a, b)
