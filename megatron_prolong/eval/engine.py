@@ -32,7 +32,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..data.batch import collate
-from ..parallel.context_parallel import prepare_batch
+from .. import platform
+from ..parallel.context_parallel import move_prepared, prepare_batch
 from ..training.step import forward_step as training_forward_step
 
 
@@ -123,17 +124,19 @@ class ForwardScorer:
     # -- data ------------------------------------------------------------------------------------
 
     def _micro_batch(self, samples: Sequence[dict], slots: list[int]) -> dict:
-        batch = {k: v.to(self.run.device) for k, v in collate([samples[i] for i in slots]).items()}
-        prepared = prepare_batch(batch, **self.split)
-        # Side data per token (sample slot, position in the sample), split exactly like the tokens:
-        # passed through prepare_batch in the token and label places, so the layout cannot drift.
-        b, s = batch["tokens"].shape
-        slot = torch.tensor(slots, dtype=torch.long, device=self.run.device)[:, None].expand(b, s)
-        position = torch.arange(s, device=self.run.device)[None].expand(b, s)
-        side = prepare_batch({"tokens": slot, "labels": position, "loss_mask": batch["loss_mask"],
-                              "doc_ids": batch["doc_ids"]}, **self.split)
-        prepared["eval_slot"], prepared["eval_position"] = side["tokens"], side["labels"]
-        return prepared
+        """Prepared on the host and copied to the device once, like a training micro-batch
+        (``training.data_iter``)."""
+        with platform.host_side():
+            batch = collate([samples[i] for i in slots])
+            prepared = prepare_batch(batch, **self.split)
+            # Side data per token (sample slot, position in the sample), split exactly like the tokens:
+            # passed through prepare_batch in the token and label places, so the layout cannot drift.
+            b, s = batch["tokens"].shape
+            slot = torch.tensor(slots, dtype=torch.long)[:, None].expand(b, s)
+            side = prepare_batch({"tokens": slot, "labels": torch.arange(s)[None].expand(b, s),
+                                  "loss_mask": batch["loss_mask"], "doc_ids": batch["doc_ids"]}, **self.split)
+            prepared["eval_slot"], prepared["eval_position"] = side["tokens"], side["labels"]
+        return move_prepared(prepared, self.run.device)
 
     def _plan(self, samples: Sequence[dict]) -> list[tuple[int, list[list[int]]]]:
         """(sequence length, this rank's micro-batches as sample slots) per schedule call: one call

@@ -11,7 +11,7 @@ loss_mask [B, S], doc_ids [B, S]) into what this rank's GPTModel forward takes::
 Portable path (``use_te=False``): every sample is split by its documents so that each CP rank
 gets the same attention work (``cp_balance.balanced_order``: long documents zigzagged on their
 own over every rank, shorter ones over a few ranks or whole; decided on the host from the
-document lengths, one device-to-host copy per micro-batch). Rank ``r`` gets ``S/CP`` tokens per
+document lengths; the trainer and evaluation call this on the host, see ``move_prepared``). Rank ``r`` gets ``S/CP`` tokens per
 sample, ascending in position; ``position_ids`` ``[B, S/CP]`` are their positions in the sample
 (RoPE is taken at them: ``models.gpt.ProLongGPTModel``), and tokens, labels and loss masks are
 gathered at them. ``attention_mask`` is the layout ``[2, B, S]``: the full sample's document ids
@@ -29,6 +29,7 @@ pure-torch equivalent, ``thd_partition_indices``, is used when TE is absent and 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -38,7 +39,7 @@ from .cp_balance import balanced_order
 from .cp_layout import (CP_COMM_TYPES, PORTABLE_CP_COMM_TYPES, TE_THD_CP_SUPPORT, check_seq_length,
                         zigzag_positions)
 
-__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "prepare_batch", "thd_pack",
+__all__ = ["CP_COMM_TYPES", "cu_seqlens_from_doc_ids", "move_prepared", "prepare_batch", "thd_pack",
            "thd_partition_indices", "validate_cp_config"]
 
 
@@ -213,11 +214,16 @@ def _gcd(a, b):
 
 
 def _te_partition_indices(cu_seqlens_padded, total, cp_size, cp_rank):
-    try:
-        import transformer_engine_torch as tex
-    except ImportError:
-        return thd_partition_indices(cu_seqlens_padded, total, cp_size, cp_rank)
-    return tex.thd_get_partitioned_indices(cu_seqlens_padded, total, cp_size, cp_rank)
+    """TE's kernel for a batch on the GPU; the pure-torch equivalent on the host (TE's is a CUDA
+    kernel only) or without TE."""
+    if cu_seqlens_padded.is_cuda:
+        try:
+            import transformer_engine_torch as tex
+        except ImportError:
+            pass
+        else:
+            return tex.thd_get_partitioned_indices(cu_seqlens_padded, total, cp_size, cp_rank)
+    return thd_partition_indices(cu_seqlens_padded, total, cp_size, cp_rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +272,8 @@ def prepare_batch(batch: dict[str, torch.Tensor], *, cp_size: int = 1, cp_rank: 
 
 def balanced_orders(doc_ids: torch.Tensor, cp_size: int) -> torch.Tensor:
     """``[B, S]`` long, on ``doc_ids``' device: each sample's ``cp_balance.balanced_order`` (decided
-    on the host from the document lengths: one device-to-host copy of the boundaries)."""
+    on the host from the document lengths: a device-to-host copy of the boundaries when ``doc_ids``
+    is on a device)."""
     b, s = doc_ids.shape
     rows, cols = torch.nonzero(doc_ids[:, 1:] != doc_ids[:, :-1], as_tuple=True)
     rows, cols = rows.cpu().numpy(), cols.cpu().numpy() + 1
@@ -293,3 +300,24 @@ def _prepare_thd(batch, *, cp_size, cp_rank, total_multiple, cp_group):
     out["packed_seq_params"] = PackedSeqParams(**kwargs)
     out["attention_mask"] = None
     return out
+
+
+def move_prepared(prepared: dict, device: torch.device) -> dict:
+    """``prepare_batch``'s output on ``device``: every tensor, ``PackedSeqParams``' included.
+
+    The trainer and evaluation prepare batches on the host (the document boundaries, the balanced
+    split and THD packing read values) and copy the result once. On CUDA the copies come from
+    pinned memory: a copy from pageable memory would wait for the device's queue to drain."""
+    def move(x):
+        if torch.is_tensor(x):
+            if x.device == device:
+                return x
+            if device.type == "cuda" and x.device.type == "cpu":
+                x = x.pin_memory()
+            return x.to(device, non_blocking=True)
+        if dataclasses.is_dataclass(x):  # PackedSeqParams
+            return dataclasses.replace(x, **{f.name: move(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                             if torch.is_tensor(getattr(x, f.name))})
+        return x
+
+    return {k: move(v) for k, v in prepared.items()}

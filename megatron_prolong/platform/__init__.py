@@ -119,6 +119,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_side():
+    """Context for the batch work done on the host with real values (document boundaries, the CP
+    split, THD packing): nothing to do in a real run; in a dry run, where every tensor of the step
+    is fake, it steps out of the fake tensors for the block."""
+    if _DRY_RUN:
+        from .dry_run import real_tensors
+
+        return real_tensors()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def dist_backend() -> str:
     if _DRY_RUN:
         return "fake"

@@ -36,6 +36,7 @@ place what a simulated rank needs; nothing here is active in a normal run:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -80,6 +81,18 @@ def fake_mode():
 
 
 _FAKE_MODE = None
+
+
+@contextlib.contextmanager
+def real_tensors():
+    """The block runs on real tensors with values: every dispatch mode of the step (the fake
+    tensors, the dry run's observers, the FLOP counter) is set aside, and restored after. For the
+    host-side batch preparation (``platform.host_side``), which reads values as it does in a real
+    run; its results become fake when they are copied to the device."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
 
 
 def _fake_process_groups(world_size: int, rank: int) -> None:
@@ -127,6 +140,9 @@ def _fake_kernels() -> None:
 
     torch.nn.functional.rms_norm = fused_rms_norm
     flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True  # the op itself, not a compiled wrapper
+    from ..attention.flex import run_flex_uncompiled
+
+    run_flex_uncompiled()  # (the trainer's compiled flex would find dynamo off and refuse to run)
     clip_grads.l2_norm_impl = _device_l2_norm
 
     global _C10D_LIB

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from ..data.batch import collate
-from ..parallel.context_parallel import prepare_batch
+from .. import platform
+from ..parallel.context_parallel import move_prepared, prepare_batch
 
 
 def rank_micro_batch_indices(start: int, global_batch: int, micro_batch: int, dp_rank: int,
@@ -30,7 +31,10 @@ def rank_micro_batch_indices(start: int, global_batch: int, micro_batch: int, dp
 def micro_batches(dataset, index_groups: list[list[int]], *, device: torch.device, cp_size: int,
                   cp_rank: int, use_te: bool, tp_size: int = 1, sequence_parallel: bool = False
                   ) -> Iterator[dict]:
+    """Each group of samples collated and prepared for this rank on the host (the preparation reads
+    document boundaries: on the device each read would wait for the GPU), then copied to ``device``."""
     for group in index_groups:
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate([dataset[i] for i in group]).items()}
-        yield prepare_batch(batch, cp_size=cp_size, cp_rank=cp_rank, use_te=use_te, tp_size=tp_size,
-                            sequence_parallel=sequence_parallel)
+        with platform.host_side():
+            prepared = prepare_batch(collate([dataset[i] for i in group]), cp_size=cp_size, cp_rank=cp_rank,
+                                     use_te=use_te, tp_size=tp_size, sequence_parallel=sequence_parallel)
+        yield move_prepared(prepared, device)

@@ -26,19 +26,27 @@ TP4_CP2 = ["parallel.tensor=4", "parallel.context=2", "model.overrides={num_laye
 
 
 def _plant_device_bug():
-    """The zigzag query positions made on the CPU instead of the batch's device: the attention's
-    document-id lookups then mix devices (on a GPU: CUDA ids indexed by CPU positions)."""
+    """The attention's query/key positions built on the CPU instead of the batch's device (both
+    ways the portable attention gets them: the whole-sequence zigzag, and the balanced split's
+    layout): the document-id lookups then mix devices (on a GPU: CUDA ids indexed by CPU positions)."""
     import torch
 
     from megatron_prolong.attention import portable
 
-    positions = portable.layer_positions
+    positions, layout_positions = portable.layer_positions, portable.flat_layout_positions
 
     def on_cpu(seq_length, cp_size, cp_rank, device):
         return positions(seq_length, cp_size, cp_rank, torch.device("cpu"))
 
-    portable.layer_positions = on_cpu
-    return lambda: setattr(portable, "layer_positions", positions)
+    def layout_on_cpu(layout, cp_size, cp_rank):
+        return layout_positions(layout.cpu(), cp_size, cp_rank)
+
+    portable.layer_positions, portable.flat_layout_positions = on_cpu, layout_on_cpu
+
+    def restore():
+        portable.layer_positions, portable.flat_layout_positions = positions, layout_positions
+
+    return restore
 
 
 def _plant_dtype_bug():

@@ -66,10 +66,29 @@ def test_training_micro_batches_on_the_device(use_te, cp, tp, sp):
     split = dict(cp_size=cp, use_te=use_te, tp_size=tp, sequence_parallel=sp)
     for rank in range(cp):
         want = list(micro_batches(samples, [[0, 1], [2]], device=torch.device("cpu"), cp_rank=rank, **split))
-        with cuda_on_cpu():
-            got = [_host(mb) for mb in micro_batches(samples, [[0, 1], [2]], device=CUDA0, cp_rank=rank, **split)]
+        with cuda_on_cpu() as log:
+            on_device = list(micro_batches(samples, [[0, 1], [2]], device=CUDA0, cp_rank=rank, **split))
+            # prepared on the host, then copied from pinned memory: the GPU's queue is never waited on
+            assert log.syncs == [], log.syncs
+            got = [_host(mb) for mb in on_device]
         for g, w in zip(got, want):
             _assert_same(g, w)
+
+
+@pytest.mark.parametrize("use_te", [True, False], ids=["te_thd", "portable"])
+@pytest.mark.parametrize("cp,tp,sp", LAYOUTS)
+def test_prepare_batch_of_a_batch_on_the_device(use_te, cp, tp, sp):
+    """prepare_batch itself on device tensors (the trainer calls it on the host): every output on the
+    device, equal to the host's, nothing mixing devices (THD's position_ids once did)."""
+    from megatron_prolong.parallel.context_parallel import prepare_batch
+
+    batch = collate(_samples())
+    split = dict(cp_size=cp, use_te=use_te, tp_size=tp, sequence_parallel=sp)
+    for rank in range(cp):
+        want = prepare_batch(batch, cp_rank=rank, **split)
+        with cuda_on_cpu():
+            got = _host(prepare_batch({k: v.to(CUDA0) for k, v in batch.items()}, cp_rank=rank, **split))
+        _assert_same(got, want)
 
 
 @pytest.mark.parametrize("use_te", [True, False], ids=["te_thd", "portable"])
@@ -85,8 +104,10 @@ def test_evaluation_micro_batch_on_the_device(use_te, cp, tp, sp):
     samples = _samples()
     for rank in range(cp):
         want = scorer(torch.device("cpu"), rank)._micro_batch(samples, [2, 0])
-        with cuda_on_cpu():
-            got = _host(scorer(CUDA0, rank)._micro_batch(samples, [2, 0]))
+        with cuda_on_cpu() as log:
+            on_device = scorer(CUDA0, rank)._micro_batch(samples, [2, 0])
+            assert log.syncs == [], log.syncs
+            got = _host(on_device)
         _assert_same(got, want)
 
 

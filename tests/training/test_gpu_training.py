@@ -117,9 +117,9 @@ def test_resume_continues_exactly(path, tmp_path):
                         "matched), so the checkpoint restored something inexactly")
 
 
-LISTED_SYNCS_PER_STEP = 3
-"""docs/gpu.md's review list for a portable-path step: the loss read, megatron's gradient norm and
-the agreed non-finite decision."""
+LISTED_SYNCS_PER_STEP = 4
+"""docs/gpu.md's review list for a portable-path step: the loss read, megatron's gradient norm,
+the agreed non-finite decision and megatron's token-count check (the dry run counts the same)."""
 
 
 def _step_syncs(overrides: list[str]) -> list[list[str]]:
