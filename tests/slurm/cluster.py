@@ -41,15 +41,20 @@ def unavailable() -> Optional[str]:
     return None
 
 
-def install() -> None:
-    """Debian's slurm-wlm and munge, when missing (seconds on a Debian machine)."""
+def install() -> Optional[str]:
+    """Debian's slurm-wlm and munge, when missing (seconds on a Debian machine); returns why they
+    could not be installed (apt's last lines), None when they are there."""
     if all(shutil.which(b) for b in BINARIES):
-        return
+        return None
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not all(shutil.which(b) for b in BINARIES):
+        return "apt-get could not install slurm-wlm and munge: " + " | ".join(done.stderr.strip().splitlines()[-3:])
+    return None
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
